@@ -1,0 +1,41 @@
+"""Which implementation runs a call: ``impl=`` names and how ``"auto"`` picks one."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The backend that runs on ``device``: "triton", "cuda", "cpu" or "reference"; errors say how to get one."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "reference"
+    if impl == "triton":
+        if not _triton_available():
+            raise RuntimeError('impl="triton" needs the triton package: pip install triton')
+        if device.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(
+                f'impl="triton" runs on CUDA tensors, got {device}; move the inputs to a GPU, use impl="auto", or '
+                "set TRITON_INTERPRET=1 before importing nrt_kernels to run the Triton kernels on the CPU (slow)")
+        return "triton"
+    if impl in ("cpu", "cuda"):
+        raise RuntimeError(f'impl="{impl}" needs the compiled nrt_kernels extension, which this build lacks')
+    return impl

@@ -1,0 +1,318 @@
+"""Fused MixIT best-assignment L1: Triton kernels, launchers, torch.library op and autograd.
+
+Forward, per batch row ``b`` (est ``(B, M, D)``, mixtures ``(B, N, D)``, flattened and contiguous):
+
+1. ``_subset_l1_partials_kernel``: a program owns one row, one chunk of ``D`` and one
+   block of source subsets.  It loads the ``M`` source tiles and ``N`` mixture tiles
+   once, forms the subset sums in registers and accumulates ``|subset_sum - mix_n|``
+   for every (mixture, subset) pair.  A candidate's error is a sum of ``N`` of these
+   pairs, so scoring every subset once per mixture (``N * 2**M`` terms) covers all
+   ``N**M`` candidates without ever forming a remix in memory.
+2. ``_select_best_kernel``: one program per row adds the per-chunk partials in a fixed
+   order (bitwise identical from run to run), scores every candidate of
+   ``nrt_kernels.assignments`` and keeps the first minimum (NaN beats numbers, like
+   ``torch.min``).
+
+Backward: ``_mixit_l1_backward_kernel`` reads est, mixtures and each row's chosen
+candidate and writes ``grad_est = grad_row * sign(err of the source's mixture) / (N * D)``
+(and ``-grad_row * sign(err) / (N * D)`` for the mixtures when they require grad).
+
+Every backend (``triton`` here, ``cpu``/``cuda`` from ``csrc``) plugs into the same two
+custom ops through :func:`register_backend`, so autograd, ``torch.compile`` and the
+front-ends never care which one ran.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from ..assignments import candidate_masks, num_candidates
+
+_BACKENDS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_backend(name: str, forward: Callable, backward: Callable) -> None:
+    """``forward(est, mixtures, partitions) -> (row_loss, best)``;
+    ``backward(grad_rows, est, mixtures, best, partitions, mixtures_grad) -> (grad_est, grad_mixtures or None)``."""
+    _BACKENDS[name] = (forward, backward)
+
+
+def row_loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs are accumulated and reported in float32; float64 stays float64 for gradcheck.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _subset_l1_partials_kernel(
+    est_ptr, mix_ptr, partials_ptr,
+    D, chunk_len,
+    NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr,
+    LOW_SOURCES: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    # Subsets are split as mask = high * 2**LOW_SOURCES + low: the program's `high` bits pick a
+    # fixed base sum, the low sources are enumerated in registers (2**LOW_SOURCES at once).
+    high = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row = tl.program_id(2)
+    NUM_LOW_MASKS: tl.constexpr = 1 << LOW_SOURCES
+    NUM_MASKS: tl.constexpr = 1 << NUM_SOURCES
+
+    low_masks = tl.arange(0, NUM_LOW_MASKS)
+    mix_rows = tl.arange(0, MIX_PAD)
+    offsets = tl.arange(0, BLOCK_D)
+    est_row = est_ptr + row.to(tl.int64) * NUM_SOURCES * D
+    mix_row = mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
+
+    acc = tl.zeros((MIX_PAD, NUM_LOW_MASKS, BLOCK_D), ACC_DTYPE)
+    begin = chunk * chunk_len
+    for start in range(begin, begin + chunk_len, BLOCK_D):
+        d = start + offsets
+        in_bounds = d < D
+        # -0.0 is the additive identity that the compiler may fold away (x + -0.0 == x for every x).
+        base = tl.full((BLOCK_D,), -0.0, ACC_DTYPE)
+        for s in tl.static_range(LOW_SOURCES, NUM_SOURCES):
+            x = tl.load(est_row + s * D + d, mask=in_bounds, other=0.0).to(ACC_DTYPE)
+            base += tl.where(((high >> (s - LOW_SOURCES)) & 1) != 0, x, -0.0)
+        sums = tl.broadcast_to(base[None, :], (NUM_LOW_MASKS, BLOCK_D))
+        for s in tl.static_range(LOW_SOURCES):
+            x = tl.load(est_row + s * D + d, mask=in_bounds, other=0.0).to(ACC_DTYPE)
+            sums += tl.where((((low_masks >> s) & 1) != 0)[:, None], x[None, :], -0.0)
+        mix = tl.load(
+            mix_row + mix_rows[:, None] * D + d[None, :],
+            mask=(mix_rows[:, None] < NUM_MIXTURES) & in_bounds[None, :], other=0.0,
+        ).to(ACC_DTYPE)
+        # Out-of-bounds lanes load 0 for sources and mixtures, so they add exactly 0.
+        acc += tl.abs(sums[None, :, :] - mix[:, None, :])
+
+    partial = tl.sum(acc, axis=2)
+    out = partials_ptr + (row * tl.num_programs(1) + chunk) * (NUM_MIXTURES * NUM_MASKS)
+    tl.store(
+        out + mix_rows[:, None] * NUM_MASKS + high * NUM_LOW_MASKS + low_masks[None, :],
+        partial, mask=(mix_rows < NUM_MIXTURES)[:, None],
+    )
+
+
+@triton.jit
+def _select_best_kernel(
+    partials_ptr, masks_ptr, row_loss_ptr, best_ptr,
+    num_chunks, num_candidates, count,
+    NUM_MIXTURES: tl.constexpr, NUM_MASKS: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_C)
+    # Each lane keeps the first minimum of the candidates it sees (in increasing order);
+    # the lanes are merged at the end by (key, candidate index).
+    best_key = tl.full((BLOCK_C,), float("inf"), ACC_DTYPE)
+    best_cand = tl.full((BLOCK_C,), 2147483647, tl.int32)
+    for first in range(0, num_candidates, BLOCK_C):
+        cand = first + lanes
+        valid = cand < num_candidates
+        total = tl.zeros((BLOCK_C,), ACC_DTYPE)
+        for chunk in range(num_chunks):
+            partials = partials_ptr + (row * num_chunks + chunk) * (NUM_MIXTURES * NUM_MASKS)
+            for n in tl.static_range(NUM_MIXTURES):
+                mask = tl.load(masks_ptr + cand * NUM_MIXTURES + n, mask=valid, other=0)
+                total += tl.load(partials + n * NUM_MASKS + mask, mask=valid, other=0.0)
+        # Losses are >= 0, so -1 ranks NaN first: a NaN anywhere in a row makes the row NaN.
+        key = tl.where(total != total, -1.0, total)
+        key = tl.where(valid, key, float("inf"))
+        better = key < best_key
+        best_key = tl.where(better, key, best_key)
+        best_cand = tl.where(better, cand, best_cand)
+    min_key = tl.min(best_key, axis=0)
+    chosen = tl.min(tl.where(best_key == min_key, best_cand, 2147483647), axis=0)
+    row_loss = tl.where(min_key < 0, float("nan"), min_key) / count
+    tl.store(row_loss_ptr + row, row_loss)
+    tl.store(best_ptr + row, chosen.to(tl.int64))
+
+
+@triton.jit
+def _mixit_l1_backward_kernel(
+    grad_rows_ptr, est_ptr, mix_ptr, masks_ptr, best_ptr, grad_est_ptr, grad_mix_ptr,
+    D, count,
+    NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, MIXTURES_GRAD: tl.constexpr,
+):
+    block = tl.program_id(0)
+    row = tl.program_id(1)
+    d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_bounds = d < D
+    mix_rows = tl.arange(0, MIX_PAD)
+    real_mix = mix_rows < NUM_MIXTURES
+    est_row = est_ptr + row.to(tl.int64) * NUM_SOURCES * D
+    mix_row = mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
+
+    best = tl.load(best_ptr + row)
+    masks = tl.load(masks_ptr + best * NUM_MIXTURES + mix_rows, mask=real_mix, other=0)
+    sums = tl.full((MIX_PAD, BLOCK_D), -0.0, ACC_DTYPE)
+    for s in tl.static_range(NUM_SOURCES):
+        x = tl.load(est_row + s * D + d, mask=in_bounds, other=0.0).to(ACC_DTYPE)
+        sums += tl.where((((masks >> s) & 1) != 0)[:, None], x[None, :], -0.0)
+    mix = tl.load(mix_row + mix_rows[:, None] * D + d[None, :], mask=real_mix[:, None] & in_bounds[None, :],
+                  other=0.0).to(ACC_DTYPE)
+    err = sums - mix
+    # sign(0) = 0 and sign(NaN) = 0, exactly like autograd's abs backward.
+    sign = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(ACC_DTYPE)
+    scale = tl.load(grad_rows_ptr + row).to(ACC_DTYPE) / count
+
+    grad_est_row = grad_est_ptr + row.to(tl.int64) * NUM_SOURCES * D
+    for s in tl.static_range(NUM_SOURCES):
+        source_sign = tl.sum(tl.where((((masks >> s) & 1) != 0)[:, None], sign, 0.0), axis=0)
+        tl.store(grad_est_row + s * D + d, (scale * source_sign).to(grad_est_ptr.dtype.element_ty), mask=in_bounds)
+    if MIXTURES_GRAD:
+        grad_mix_row = grad_mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
+        tl.store(grad_mix_row + mix_rows[:, None] * D + d[None, :],
+                 (-scale * sign).to(grad_mix_ptr.dtype.element_ty), mask=real_mix[:, None] & in_bounds[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+_TL_ACC = {torch.float64: tl.float64}
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return _TL_ACC.get(dtype, tl.float32)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def forward_config(num_sources: int, num_mixtures: int, length: int, batch: int, device: torch.device):
+    """Tile sizes of the partials kernel: (low_sources, block_d, num_warps, chunk_len)."""
+    # Subset sums and accumulators live in registers: (1 + mixtures) * 2**low values per element.
+    low_sources = min(num_sources, 5)
+    mix_pad = triton.next_power_of_2(num_mixtures)
+    values_per_element = (1 + mix_pad) << low_sources
+    elements_per_thread = min(8, 1 << (max(1, 96 // values_per_element).bit_length() - 1))
+    num_warps = 4
+    block_d = 32 * num_warps * elements_per_thread
+    # Enough programs for several waves on every SM, each looping long enough to amortise its
+    # final cross-thread reduction.
+    highs = 1 << (num_sources - low_sources)
+    blocks = triton.cdiv(length, block_d)
+    target_programs = 16 * _num_sms(device)
+    iters = max(1, min(64, (blocks * batch * highs) // target_programs))
+    return low_sources, block_d, num_warps, block_d * iters
+
+
+def _check_runnable(tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f'impl="triton" needs CUDA tensors, got a tensor on {tensor.device}; move the inputs to a GPU, use '
+            'impl="cpu"/"reference", or set TRITON_INTERPRET=1 before importing nrt_kernels to run the Triton '
+            "kernels on the CPU (slow, for testing)"
+        )
+
+
+def triton_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
+    _check_runnable(est)
+    batch, num_sources, length = est.shape
+    num_mixtures = mixtures.shape[1]
+    acc_dtype = row_loss_dtype(est.dtype)
+    low_sources, block_d, num_warps, chunk_len = forward_config(num_sources, num_mixtures, length, batch, est.device)
+    num_chunks = triton.cdiv(length, chunk_len)
+    num_masks = 1 << num_sources
+    partials = torch.empty(batch, num_chunks, num_mixtures, num_masks, dtype=acc_dtype, device=est.device)
+    _subset_l1_partials_kernel[(1 << (num_sources - low_sources), num_chunks, batch)](
+        est, mixtures, partials, length, chunk_len,
+        NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures, MIX_PAD=triton.next_power_of_2(num_mixtures),
+        LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), num_warps=num_warps,
+    )
+    masks = candidate_masks(num_sources, num_mixtures, partitions, est.device)
+    row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device)
+    best = torch.empty(batch, dtype=torch.int64, device=est.device)
+    count_candidates = num_candidates(num_sources, num_mixtures, partitions)
+    _select_best_kernel[(batch,)](
+        partials, masks, row_loss, best, num_chunks, count_candidates, float(num_mixtures * length),
+        NUM_MIXTURES=num_mixtures, NUM_MASKS=num_masks,
+        BLOCK_C=min(256, triton.next_power_of_2(count_candidates)), ACC_DTYPE=_acc_dtype(est.dtype),
+    )
+    return row_loss, best
+
+
+def triton_backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool):
+    _check_runnable(est)
+    batch, num_sources, length = est.shape
+    num_mixtures = mixtures.shape[1]
+    grad_est = torch.empty_like(est)
+    grad_mix = torch.empty_like(mixtures) if mixtures_grad else None
+    block_d = 1024
+    _mixit_l1_backward_kernel[(triton.cdiv(length, block_d), batch)](
+        grad_rows, est, mixtures, candidate_masks(num_sources, num_mixtures, partitions, est.device), best,
+        grad_est, grad_mix if mixtures_grad else grad_est, length, float(num_mixtures * length),
+        NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures, MIX_PAD=triton.next_power_of_2(num_mixtures),
+        BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), MIXTURES_GRAD=mixtures_grad, num_warps=4,
+    )
+    return grad_est, grad_mix
+
+
+register_backend("triton", triton_forward, triton_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nrt_kernels::mixit_l1", mutates_args=())
+def mixit_l1(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row best-candidate MixIT L1 of contiguous (B, M, D) est against (B, N, D) mixtures.
+
+    Returns ``(row_loss, best)``: ``row_loss`` (B,) float32 (float64 for float64 input) and
+    ``best`` (B,) int64, the index of the chosen candidate in ``nrt_kernels.assignments`` order.
+    """
+    forward, _ = _BACKENDS[impl]
+    return forward(est, mixtures, partitions)
+
+
+@mixit_l1.register_fake
+def _mixit_l1_fake(est, mixtures, partitions, impl):
+    batch = est.shape[0]
+    return est.new_empty(batch, dtype=row_loss_dtype(est.dtype)), est.new_empty(batch, dtype=torch.int64)
+
+
+@torch.library.custom_op("nrt_kernels::mixit_l1_backward", mutates_args=())
+def mixit_l1_backward(grad_rows: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor, best: torch.Tensor,
+                      partitions: str, impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``mixit_l1``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
+    _, backward = _BACKENDS[impl]
+    grad_est, grad_mix = backward(grad_rows.contiguous(), est, mixtures, best, partitions, mixtures_grad)
+    return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
+
+
+@mixit_l1_backward.register_fake
+def _mixit_l1_backward_fake(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad):
+    return torch.empty_like(est), torch.empty_like(mixtures) if mixtures_grad else mixtures.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    est, mixtures, partitions, impl = inputs
+    _, best = output
+    ctx.save_for_backward(est, mixtures, best)
+    ctx.partitions = partitions
+    ctx.impl = impl
+    ctx.mark_non_differentiable(best)
+
+
+def _backward(ctx, grad_rows, _grad_best):
+    est, mixtures, best = ctx.saved_tensors
+    mixtures_grad = ctx.needs_input_grad[1]
+    grad_est, grad_mix = mixit_l1_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
+    return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None, None, None)
+
+
+mixit_l1.register_autograd(_backward, setup_context=_setup_context)
