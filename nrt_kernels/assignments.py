@@ -105,11 +105,14 @@ def _on_device(kind: str, num_sources: int, num_mixtures: int, partitions: str, 
     return table
 
 
+# torch.compile takes the tables as constants instead of tracing how they are built.
+@torch.compiler.assume_constant_result
 def candidate_masks(num_sources: int, num_mixtures: int, partitions: str, device="cpu") -> torch.Tensor:
     """(P, N) int32: bit ``s`` of ``masks[c, n]`` is set when candidate ``c`` puts source ``s`` in mixture ``n``."""
     return _on_device("masks", num_sources, num_mixtures, partitions, device)
 
 
+@torch.compiler.assume_constant_result
 def candidate_assignments(num_sources: int, num_mixtures: int, partitions: str, device="cpu") -> torch.Tensor:
     """(P, M) int64: ``assignments[c, s]`` is the mixture that candidate ``c`` gives source ``s``."""
     return _on_device("assignment", num_sources, num_mixtures, partitions, device)

@@ -124,8 +124,8 @@ def _select_best_kernel(
                 total += tl.load(partials + n * NUM_MASKS + mask, mask=valid, other=0.0)
         # Losses are >= 0, so -1 ranks NaN first: a NaN anywhere in a row makes the row NaN.
         key = tl.where(total != total, -1.0, total)
-        key = tl.where(valid, key, float("inf"))
-        better = key < best_key
+        # A lane's first valid candidate always counts, so rows whose every candidate is +inf still pick one.
+        better = valid & ((key < best_key) | (best_cand == 2147483647))
         best_key = tl.where(better, key, best_key)
         best_cand = tl.where(better, cand, best_cand)
     min_key = tl.min(best_key, axis=0)

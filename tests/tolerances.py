@@ -1,0 +1,20 @@
+"""One tolerance table for every test that compares a fast path with the reference."""
+import torch
+
+# (rtol, atol) for losses computed by a fused path from inputs of this dtype, against the reference run in
+# the same dtype (float32/float64) or against a float64 truth (half types, whose reference rounds every sum).
+LOSS_TOLERANCE = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1e-5, 1e-6),
+    torch.float16: (1e-5, 1e-6),
+}
+
+
+def assert_close_to_truth(fast, lowp_reference, truth, dtype):
+    """ml-cross-entropy style: the fast path is at least as close to the float64 truth as PyTorch in ``dtype``."""
+    rtol, atol = LOSS_TOLERANCE[dtype]
+    fast_err = (fast.double() - truth).abs().max().item()
+    torch_err = (lowp_reference.double() - truth).abs().max().item()
+    bound = torch_err + atol + rtol * truth.abs().max().item()
+    assert fast_err <= bound, f"fast path error {fast_err:.3g} > {bound:.3g} (PyTorch {dtype}: {torch_err:.3g})"
