@@ -1,0 +1,286 @@
+// CPU kernels of the fused MixIT L1: the same two-stage algorithm as the Triton kernels in
+// nrt_kernels/ops/mixit_l1.py.
+//
+// Forward, stage 1 (parallel over (row, tile of D)): for every mixture n and every subset mask of
+// the M sources, E[n][mask] = sum_d |S_mask(d) - mix_n(d)| over the tile, where the subset sums are
+// built incrementally, S[mask] = S[mask & (mask - 1)] + est[lowest bit of mask].  A candidate's
+// error is a sum of N of these terms, so N * 2**M partials cover all N**M candidates and nothing of
+// size (candidates x D) is ever formed.  Stage 2 (per row) adds the tiles in a fixed order and keeps
+// the first minimum over candidates, NaN first (torch.min semantics).
+#include "mixit_l1_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+namespace nrt_kernels {
+namespace {
+
+// Consecutive elements of D processed together in fixed-size local arrays, so that every inner loop
+// has a compile-time trip count the compiler turns into SIMD without -march (16 floats: one cache
+// line, 4 SSE / 2 AVX vectors).
+constexpr int64_t kLanes = 16;
+// Elements of D per forward work item.  It is a constant, not derived from the thread count, so the
+// partials and hence every result are bitwise identical whatever the number of threads.  4096 keeps
+// the partials buffer (N * 2**M values per tile) far below the input size and gives enough work items
+// for a few threads at audio lengths.
+constexpr int64_t kTile = 4096;
+// Elements of D per backward work item.
+constexpr int64_t kBackwardTile = 8192;
+// nrt_kernels.assignments.MAX_SOURCES: the subset table has 2**M entries.
+constexpr int64_t kMaxSources = 12;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Loads `count` (<= kLanes) elements converted to the accumulation type, zero-padded: padded lanes
+// add exactly 0 to every |subset sum - mixture| term.
+template <typename scalar_t, typename acc_t>
+inline void load_lanes(const scalar_t* __restrict__ src, int64_t count, acc_t* __restrict__ dst) {
+  if (count == kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<acc_t>(src[l]);
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) dst[l] = l < count ? static_cast<acc_t>(src[l]) : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_lanes(const acc_t* __restrict__ src, int64_t count, scalar_t* __restrict__ dst) {
+  if (count == kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<scalar_t>(src[l]);
+  } else {
+    for (int64_t l = 0; l < count; ++l) dst[l] = static_cast<scalar_t>(src[l]);
+  }
+}
+
+// Stage 1 for one (row, tile): partial[n * 2**M + mask] = sum over [begin, end) of |S_mask - mix_n|.
+// `workspace` holds (2**M + N * 2**M + M + N) * kLanes accumulators.
+template <typename scalar_t, typename acc_t>
+void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources,
+                        int64_t num_mixtures, int64_t length, int64_t begin, int64_t end, acc_t* workspace,
+                        acc_t* partial) {
+  const int64_t num_masks = int64_t(1) << num_sources;
+  acc_t* __restrict__ sums = workspace;                         // [num_masks][kLanes]
+  acc_t* __restrict__ acc = sums + num_masks * kLanes;          // [num_mixtures][num_masks][kLanes]
+  acc_t* __restrict__ sources = acc + num_mixtures * num_masks * kLanes;  // [num_sources][kLanes]
+  acc_t* __restrict__ mix = sources + num_sources * kLanes;     // [num_mixtures][kLanes]
+  std::fill(acc, acc + num_mixtures * num_masks * kLanes, acc_t(0));
+  for (int64_t l = 0; l < kLanes; ++l) sums[l] = acc_t(0);
+
+  for (int64_t start = begin; start < end; start += kLanes) {
+    const int64_t count = std::min(kLanes, end - start);
+    for (int64_t s = 0; s < num_sources; ++s) load_lanes(est_row + s * length + start, count, sources + s * kLanes);
+    for (int64_t n = 0; n < num_mixtures; ++n) load_lanes(mix_row + n * length + start, count, mix + n * kLanes);
+    for (int64_t mask = 0; mask < num_masks; ++mask) {
+      acc_t* __restrict__ sum = sums + mask * kLanes;
+      if (mask != 0) {
+        const acc_t* __restrict__ prev = sums + (mask & (mask - 1)) * kLanes;
+        const acc_t* __restrict__ x = sources + __builtin_ctzll(static_cast<unsigned long long>(mask)) * kLanes;
+        for (int64_t l = 0; l < kLanes; ++l) sum[l] = prev[l] + x[l];
+      }
+      for (int64_t n = 0; n < num_mixtures; ++n) {
+        acc_t* __restrict__ a = acc + (n * num_masks + mask) * kLanes;
+        const acc_t* __restrict__ m = mix + n * kLanes;
+        for (int64_t l = 0; l < kLanes; ++l) a[l] += std::abs(sum[l] - m[l]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < num_mixtures * num_masks; ++i) {
+    acc_t total = acc_t(0);
+    for (int64_t l = 0; l < kLanes; ++l) total += acc[i * kLanes + l];
+    partial[i] = total;
+  }
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::Tensor& masks, at::Tensor& row_loss,
+                  at::Tensor& best) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = est.size(0), num_sources = est.size(1), length = est.size(2);
+  const int64_t num_mixtures = mixtures.size(1), num_candidates = masks.size(0);
+  const int64_t num_masks = int64_t(1) << num_sources;
+  const int64_t num_tiles = ceil_div(length, kTile);
+  const int64_t per_tile = num_mixtures * num_masks;
+  const scalar_t* est_data = est.const_data_ptr<scalar_t>();
+  const scalar_t* mix_data = mixtures.const_data_ptr<scalar_t>();
+  const int32_t* mask_data = masks.const_data_ptr<int32_t>();
+  std::vector<acc_t> partials(static_cast<size_t>(batch * num_tiles * per_tile));
+
+  at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> workspace(static_cast<size_t>((num_masks + per_tile + num_sources + num_mixtures) * kLanes));
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t row = item / num_tiles, tile = item % num_tiles;
+      subset_l1_partials<scalar_t, acc_t>(est_data + row * num_sources * length,
+                                          mix_data + row * num_mixtures * length, num_sources, num_mixtures,
+                                          length, tile * kTile, std::min(length, (tile + 1) * kTile),
+                                          workspace.data(), partials.data() + item * per_tile);
+    }
+  });
+
+  acc_t* loss_data = row_loss.data_ptr<acc_t>();
+  int64_t* best_data = best.data_ptr<int64_t>();
+  const acc_t count = static_cast<acc_t>(num_mixtures * length);
+  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> totals(static_cast<size_t>(per_tile));
+    for (int64_t row = first; row < last; ++row) {
+      // Tiles in increasing order: the same additions in the same order on every run.
+      const acc_t* row_partials = partials.data() + row * num_tiles * per_tile;
+      std::copy(row_partials, row_partials + per_tile, totals.begin());
+      for (int64_t tile = 1; tile < num_tiles; ++tile) {
+        for (int64_t i = 0; i < per_tile; ++i) totals[i] += row_partials[tile * per_tile + i];
+      }
+      int64_t chosen = 0;
+      acc_t chosen_total = acc_t(0);
+      for (int64_t c = 0; c < num_candidates; ++c) {
+        acc_t total = acc_t(0);
+        for (int64_t n = 0; n < num_mixtures; ++n) total += totals[n * num_masks + mask_data[c * num_mixtures + n]];
+        // torch.min: the first NaN wins over every number; otherwise the first minimum.
+        if (std::isnan(total)) {
+          chosen = c;
+          chosen_total = total;
+          break;
+        }
+        if (c == 0 || total < chosen_total) {
+          chosen = c;
+          chosen_total = total;
+        }
+      }
+      loss_data[row] = chosen_total / count;
+      best_data[row] = chosen;
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_rows, const at::Tensor& est, const at::Tensor& mixtures,
+                   const at::Tensor& best, const at::Tensor& masks, at::Tensor& grad_est, at::Tensor* grad_mix) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = est.size(0), num_sources = est.size(1), length = est.size(2);
+  const int64_t num_mixtures = mixtures.size(1);
+  const int64_t num_tiles = ceil_div(length, kBackwardTile);
+  const scalar_t* est_data = est.const_data_ptr<scalar_t>();
+  const scalar_t* mix_data = mixtures.const_data_ptr<scalar_t>();
+  const acc_t* grad_data = grad_rows.const_data_ptr<acc_t>();
+  const int64_t* best_data = best.const_data_ptr<int64_t>();
+  const int32_t* mask_data = masks.const_data_ptr<int32_t>();
+  scalar_t* grad_est_data = grad_est.data_ptr<scalar_t>();
+  scalar_t* grad_mix_data = grad_mix != nullptr ? grad_mix->data_ptr<scalar_t>() : nullptr;
+  const acc_t count = static_cast<acc_t>(num_mixtures * length);
+
+  at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> workspace(static_cast<size_t>((num_sources + num_mixtures) * kLanes));
+    acc_t* __restrict__ source = workspace.data();             // [kLanes]
+    acc_t* __restrict__ grad = source + kLanes;                // [num_mixtures][kLanes]
+    int64_t owner[kMaxSources] = {};
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t row = item / num_tiles, tile = item % num_tiles;
+      const int32_t* candidate = mask_data + best_data[row] * num_mixtures;
+      for (int64_t n = 0; n < num_mixtures; ++n) {
+        for (int64_t s = 0; s < num_sources; ++s) {
+          if ((candidate[n] >> s) & 1) owner[s] = n;
+        }
+      }
+      // grad_rows / (N * D) first, like autograd's mean backward, then times the sign.
+      const acc_t scale = grad_data[row] / count;
+      const scalar_t* est_row = est_data + row * num_sources * length;
+      const scalar_t* mix_row = mix_data + row * num_mixtures * length;
+      const int64_t end = std::min(length, (tile + 1) * kBackwardTile);
+      for (int64_t start = tile * kBackwardTile; start < end; start += kLanes) {
+        const int64_t count_lanes = std::min(kLanes, end - start);
+        // err_n = (sum of the sources assigned to n, in increasing source order) - mix_n.
+        for (int64_t i = 0; i < num_mixtures * kLanes; ++i) grad[i] = acc_t(0);
+        for (int64_t s = 0; s < num_sources; ++s) {
+          load_lanes(est_row + s * length + start, count_lanes, source);
+          acc_t* __restrict__ err = grad + owner[s] * kLanes;
+          for (int64_t l = 0; l < kLanes; ++l) err[l] += source[l];
+        }
+        for (int64_t n = 0; n < num_mixtures; ++n) {
+          load_lanes(mix_row + n * length + start, count_lanes, source);
+          acc_t* __restrict__ g = grad + n * kLanes;
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const acc_t err = g[l] - source[l];
+            // sign(0) = sign(NaN) = 0, like autograd's abs backward.
+            const acc_t sign = static_cast<acc_t>((err > acc_t(0)) - (err < acc_t(0)));
+            g[l] = scale * sign;
+          }
+        }
+        for (int64_t s = 0; s < num_sources; ++s) {
+          store_lanes(grad + owner[s] * kLanes, count_lanes, grad_est_data + (row * num_sources + s) * length + start);
+        }
+        if (grad_mix_data != nullptr) {
+          for (int64_t n = 0; n < num_mixtures; ++n) {
+            acc_t* __restrict__ g = grad + n * kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) source[l] = -g[l];
+            store_lanes(source, count_lanes, grad_mix_data + (row * num_mixtures + n) * length + start);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& est, const at::Tensor& mixtures, const at::Tensor& masks) {
+  TORCH_CHECK(est.device().is_cpu() && mixtures.device().is_cpu() && masks.device().is_cpu(),
+              "nrt_kernels CPU kernels need CPU tensors, got est on ", est.device(), " and mixtures on ",
+              mixtures.device());
+  TORCH_CHECK(est.dim() == 3 && mixtures.dim() == 3, "est and mixtures must be (B, M, D) and (B, N, D), got ",
+              est.sizes(), " and ", mixtures.sizes());
+  TORCH_CHECK(est.scalar_type() == mixtures.scalar_type(), "est and mixtures must have one dtype, got ",
+              est.scalar_type(), " and ", mixtures.scalar_type());
+  TORCH_CHECK(est.size(0) == mixtures.size(0) && est.size(2) == mixtures.size(2),
+              "est and mixtures must agree in batch and length, got ", est.sizes(), " and ", mixtures.sizes());
+  TORCH_CHECK(est.size(1) >= 1 && est.size(1) <= kMaxSources, "at most ", kMaxSources, " sources, got ",
+              est.size(1));
+  TORCH_CHECK(est.numel() > 0 && mixtures.numel() > 0, "empty input");
+  TORCH_CHECK(masks.scalar_type() == at::kInt && masks.dim() == 2 && masks.size(1) == mixtures.size(1) &&
+                  masks.size(0) >= 1,
+              "masks must be (candidates, N) int32, got ", masks.sizes(), " ", masks.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mixit_l1_forward_cpu(const at::Tensor& est_in, const at::Tensor& mixtures_in,
+                                                        const at::Tensor& masks_in) {
+  check_inputs(est_in, mixtures_in, masks_in);
+  const at::Tensor est = est_in.contiguous(), mixtures = mixtures_in.contiguous(), masks = masks_in.contiguous();
+  const auto loss_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty({est.size(0)}, est.options().dtype(loss_dtype));
+  at::Tensor best = at::empty({est.size(0)}, est.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "mixit_l1_forward_cpu", [&] {
+    forward_impl<scalar_t>(est, mixtures, masks, row_loss, best);
+  });
+  return {row_loss, best};
+}
+
+std::tuple<at::Tensor, at::Tensor> mixit_l1_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& est_in,
+                                                         const at::Tensor& mixtures_in, const at::Tensor& best_in,
+                                                         const at::Tensor& masks_in, bool mixtures_grad) {
+  check_inputs(est_in, mixtures_in, masks_in);
+  const at::Tensor est = est_in.contiguous(), mixtures = mixtures_in.contiguous(), masks = masks_in.contiguous();
+  const auto acc_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor grad_rows = grad_rows_in.to(acc_dtype).contiguous();
+  const at::Tensor best = best_in.to(at::kLong).contiguous();
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == est.size(0) && best.dim() == 1 &&
+                  best.size(0) == est.size(0),
+              "grad_rows and best must be (B,), got ", grad_rows.sizes(), " and ", best.sizes());
+  const int64_t* best_data = best.const_data_ptr<int64_t>();
+  for (int64_t row = 0; row < best.size(0); ++row) {
+    TORCH_CHECK(best_data[row] >= 0 && best_data[row] < masks.size(0), "best[", row, "] = ", best_data[row],
+                " is not a candidate index in [0, ", masks.size(0), ")");
+  }
+  at::Tensor grad_est = at::empty_like(est);
+  at::Tensor grad_mix = mixtures_grad ? at::empty_like(mixtures) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "mixit_l1_backward_cpu", [&] {
+    backward_impl<scalar_t>(grad_rows, est, mixtures, best, masks, grad_est, mixtures_grad ? &grad_mix : nullptr);
+  });
+  return {grad_est, grad_mix};
+}
+
+}  // namespace nrt_kernels
