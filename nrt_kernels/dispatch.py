@@ -20,6 +20,12 @@ def _triton_available() -> bool:
     return True
 
 
+def _cpu_extension_available() -> bool:
+    from . import _native
+
+    return _native.cpu_extension_available()
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The backend that runs on ``device``: "triton", "cuda", "cpu" or "reference"; errors say how to get one."""
     if impl not in IMPLS:
@@ -27,6 +33,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         if device.type == "cuda" and _triton_available():
             return "triton"
+        # The CPU extension is imported (or compiled once) on first use; without it, the reference.
+        if device.type == "cpu" and _cpu_extension_available():
+            return "cpu"
         return "reference"
     if impl == "triton":
         if not _triton_available():
@@ -36,6 +45,20 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                 f'impl="triton" runs on CUDA tensors, got {device}; move the inputs to a GPU, use impl="auto", or '
                 "set TRITON_INTERPRET=1 before importing nrt_kernels to run the Triton kernels on the CPU (slow)")
         return "triton"
-    if impl in ("cpu", "cuda"):
-        raise RuntimeError(f'impl="{impl}" needs the compiled nrt_kernels extension, which this build lacks')
+    if impl == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f'impl="cpu" runs on CPU tensors, got {device}; move the inputs with .cpu() or use '
+                               'impl="auto"')
+        from . import _native
+
+        _native.load_cpu_extension()  # registers the backend; raises NativeExtensionError saying how to get it
+        return "cpu"
+    if impl == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f'impl="cuda" runs on CUDA tensors, got {device}; move the inputs to a GPU, or use '
+                               'impl="auto"')
+        from . import _cuda_lib
+
+        _cuda_lib.ensure_registered()  # loads or builds the library; raises CudaLibraryError saying how to get it
+        return "cuda"
     return impl
