@@ -60,41 +60,70 @@ inline void store_lanes(const acc_t* __restrict__ src, int64_t count, scalar_t* 
   }
 }
 
+// Elements of D whose subset sums are formed before they are scored: the (2**M, chunk) table of
+// subset sums stays in L1/L2 (32 KiB of floats), and each (mixture, subset) pair then streams
+// through the whole chunk with its accumulators in registers instead of reloading them per 16 elements.
+int64_t forward_chunk(int64_t num_masks) {
+  int64_t chunk = 256;
+  while (chunk > kLanes && chunk * num_masks > 8192) chunk /= 2;
+  return chunk;
+}
+
 // Stage 1 for one (row, tile): partial[n * 2**M + mask] = sum over [begin, end) of |S_mask - mix_n|.
-// `workspace` holds (2**M + N * 2**M + M + N) * kLanes accumulators.
+// `workspace` holds (2**M + N) * chunk + N * 2**M * kLanes accumulators.
 template <typename scalar_t, typename acc_t>
 void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources,
-                        int64_t num_mixtures, int64_t length, int64_t begin, int64_t end, acc_t* workspace,
-                        acc_t* partial) {
+                        int64_t num_mixtures, int64_t length, int64_t begin, int64_t end, int64_t chunk,
+                        acc_t* workspace, acc_t* partial) {
   const int64_t num_masks = int64_t(1) << num_sources;
-  acc_t* __restrict__ sums = workspace;                         // [num_masks][kLanes]
-  acc_t* __restrict__ acc = sums + num_masks * kLanes;          // [num_mixtures][num_masks][kLanes]
-  acc_t* __restrict__ sources = acc + num_mixtures * num_masks * kLanes;  // [num_sources][kLanes]
-  acc_t* __restrict__ mix = sources + num_sources * kLanes;     // [num_mixtures][kLanes]
-  std::fill(acc, acc + num_mixtures * num_masks * kLanes, acc_t(0));
-  for (int64_t l = 0; l < kLanes; ++l) sums[l] = acc_t(0);
+  acc_t* __restrict__ sums = workspace;                       // [num_masks][chunk]
+  acc_t* __restrict__ mix = sums + num_masks * chunk;         // [num_mixtures][chunk]
+  acc_t* __restrict__ lanes = mix + num_mixtures * chunk;     // [num_mixtures * num_masks][kLanes]
+  std::fill(lanes, lanes + num_mixtures * num_masks * kLanes, acc_t(0));
+  std::fill(sums, sums + chunk, acc_t(0));  // the empty subset
 
-  for (int64_t start = begin; start < end; start += kLanes) {
-    const int64_t count = std::min(kLanes, end - start);
-    for (int64_t s = 0; s < num_sources; ++s) load_lanes(est_row + s * length + start, count, sources + s * kLanes);
-    for (int64_t n = 0; n < num_mixtures; ++n) load_lanes(mix_row + n * length + start, count, mix + n * kLanes);
-    for (int64_t mask = 0; mask < num_masks; ++mask) {
-      acc_t* __restrict__ sum = sums + mask * kLanes;
-      if (mask != 0) {
-        const acc_t* __restrict__ prev = sums + (mask & (mask - 1)) * kLanes;
-        const acc_t* __restrict__ x = sources + __builtin_ctzll(static_cast<unsigned long long>(mask)) * kLanes;
-        for (int64_t l = 0; l < kLanes; ++l) sum[l] = prev[l] + x[l];
+  for (int64_t start = begin; start < end; start += chunk) {
+    const int64_t count = std::min(chunk, end - start);
+    const int64_t blocks = ceil_div(count, kLanes);
+    // Singletons are the sources themselves; every other subset adds its lowest source to a smaller one.
+    for (int64_t s = 0; s < num_sources; ++s) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        load_lanes(est_row + s * length + start + b * kLanes, std::min(kLanes, count - b * kLanes),
+                   sums + (int64_t(1) << s) * chunk + b * kLanes);
       }
+    }
+    for (int64_t n = 0; n < num_mixtures; ++n) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        load_lanes(mix_row + n * length + start + b * kLanes, std::min(kLanes, count - b * kLanes),
+                   mix + n * chunk + b * kLanes);
+      }
+    }
+    const int64_t padded = blocks * kLanes;
+    for (int64_t mask = 3; mask < num_masks; ++mask) {
+      const int64_t rest = mask & (mask - 1);
+      if (rest == 0) continue;
+      const acc_t* __restrict__ prev = sums + rest * chunk;
+      const acc_t* __restrict__ x = sums + (mask ^ rest) * chunk;
+      acc_t* __restrict__ sum = sums + mask * chunk;
+      for (int64_t l = 0; l < padded; ++l) sum[l] = prev[l] + x[l];
+    }
+    for (int64_t mask = 0; mask < num_masks; ++mask) {
+      const acc_t* __restrict__ sum = sums + mask * chunk;
       for (int64_t n = 0; n < num_mixtures; ++n) {
-        acc_t* __restrict__ a = acc + (n * num_masks + mask) * kLanes;
-        const acc_t* __restrict__ m = mix + n * kLanes;
-        for (int64_t l = 0; l < kLanes; ++l) a[l] += std::abs(sum[l] - m[l]);
+        const acc_t* __restrict__ m = mix + n * chunk;
+        acc_t* __restrict__ total = lanes + (n * num_masks + mask) * kLanes;
+        acc_t acc[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) acc[l] = total[l];
+        for (int64_t b = 0; b < padded; b += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) acc[l] += std::abs(sum[b + l] - m[b + l]);
+        }
+        for (int64_t l = 0; l < kLanes; ++l) total[l] = acc[l];
       }
     }
   }
   for (int64_t i = 0; i < num_mixtures * num_masks; ++i) {
     acc_t total = acc_t(0);
-    for (int64_t l = 0; l < kLanes; ++l) total += acc[i * kLanes + l];
+    for (int64_t l = 0; l < kLanes; ++l) total += lanes[i * kLanes + l];
     partial[i] = total;
   }
 }
@@ -108,18 +137,19 @@ void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::T
   const int64_t num_masks = int64_t(1) << num_sources;
   const int64_t num_tiles = ceil_div(length, kTile);
   const int64_t per_tile = num_mixtures * num_masks;
+  const int64_t chunk = forward_chunk(num_masks);
   const scalar_t* est_data = est.const_data_ptr<scalar_t>();
   const scalar_t* mix_data = mixtures.const_data_ptr<scalar_t>();
   const int32_t* mask_data = masks.const_data_ptr<int32_t>();
   std::vector<acc_t> partials(static_cast<size_t>(batch * num_tiles * per_tile));
 
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> workspace(static_cast<size_t>((num_masks + per_tile + num_sources + num_mixtures) * kLanes));
+    std::vector<acc_t> workspace(static_cast<size_t>((num_masks + num_mixtures) * chunk + per_tile * kLanes));
     for (int64_t item = first; item < last; ++item) {
       const int64_t row = item / num_tiles, tile = item % num_tiles;
       subset_l1_partials<scalar_t, acc_t>(est_data + row * num_sources * length,
                                           mix_data + row * num_mixtures * length, num_sources, num_mixtures,
-                                          length, tile * kTile, std::min(length, (tile + 1) * kTile),
+                                          length, tile * kTile, std::min(length, (tile + 1) * kTile), chunk,
                                           workspace.data(), partials.data() + item * per_tile);
     }
   });
