@@ -1,0 +1,142 @@
+"""CPU forward+backward of the MixIT L1: the C++ extension against the asteroid-style loop and torch.compile of it.
+
+    python -m pytest benchmarks/test_bench_cpu.py [--nrt-compile] --benchmark-json cpu.json
+    python benchmarks/test_bench_cpu.py [--no-compile] [--repeats 30]     # one table, all three in the same run
+
+The shape is the CPU target of issue 4: B=4, M=4 estimated sources, N=2 mixtures, C=2 channels, T=44100
+samples, float32, generalized partitions (16 candidates).  The targets are >= 15x the loop and >= 10x
+torch.compile of it; the memory-bandwidth bound (est and mixtures read twice, grad written) is about 1 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+
+import pytest
+import torch
+
+import nrt_kernels
+from nrt_kernels import reference
+
+SHAPE = dict(batch=4, sources=4, mixtures=2, channels=2, samples=44100)
+
+
+def make_inputs(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, m, n, c, t = (SHAPE[key] for key in ("batch", "sources", "mixtures", "channels", "samples"))
+    est = torch.randn(b, m, c, t, generator=gen, dtype=dtype).requires_grad_(True)
+    mixtures = torch.randn(b, n, c, t, generator=gen, dtype=dtype)
+    return est, mixtures
+
+
+def forward_backward(loss_of):
+    """One training-step's worth of loss work: forward, then backward into est."""
+    def step(est, mixtures):
+        est.grad = None
+        loss_of(est, mixtures).backward()
+    return step
+
+
+def loop_loss(est, mixtures):
+    return reference.mixit_loss(est, mixtures)
+
+
+def cpu_loss(est, mixtures):
+    return nrt_kernels.mixit_loss(est, mixtures, impl="cpu")
+
+
+def compiled_loop_loss():
+    return torch.compile(loop_loss, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest-benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_inputs()
+
+
+@pytest.mark.benchmark(group="cpu-mixit-l1-fwd-bwd")
+def test_cpu_extension(benchmark, inputs):
+    step = forward_backward(cpu_loss)
+    step(*inputs)
+    benchmark(step, *inputs)
+
+
+@pytest.mark.benchmark(group="cpu-mixit-l1-fwd-bwd")
+def test_pytorch_loop(benchmark, inputs):
+    benchmark(forward_backward(loop_loss), *inputs)
+
+
+@pytest.mark.benchmark(group="cpu-mixit-l1-fwd-bwd")
+def test_torch_compile_loop(benchmark, inputs, pytestconfig):
+    if not pytestconfig.getoption("--nrt-compile", default=False):
+        pytest.skip("inductor takes tens of seconds on a CPU; pass --nrt-compile")
+    step = forward_backward(compiled_loop_loss())
+    step(*inputs)
+    benchmark(step, *inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Script: one table
+# ----------------------------------------------------------------------------------------------
+
+
+def time_ms(step, inputs) -> float:
+    begin = time.perf_counter()
+    step(*inputs)
+    return 1e3 * (time.perf_counter() - begin)
+
+
+def cpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds; each runs every impl once")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
+    args = parser.parse_args()
+    inputs = make_inputs()
+    steps = {"cpu extension": forward_backward(cpu_loss), "pytorch loop": forward_backward(loop_loss)}
+    if not args.no_compile:
+        begin = time.perf_counter()
+        steps["torch.compile loop"] = forward_backward(compiled_loop_loss())
+        steps["torch.compile loop"](*inputs)
+        print(f"torch.compile: first call {time.perf_counter() - begin:.1f} s")
+    for step in steps.values():
+        for _ in range(3):
+            step(*inputs)
+    # Round-robin: a machine that gets busier or quieter mid-run moves every impl, not only one.
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(time_ms(step, inputs))
+
+    bytes_moved = 2 * (inputs[0].nbytes + inputs[1].nbytes) + inputs[0].nbytes
+    fast = statistics.median(times["cpu extension"])
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {cpu_model()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"shape {SHAPE}, float32, forward+backward, {args.rounds} rounds")
+    print(f"  {'impl':20s} {'median ms':>10s} {'min ms':>8s} {'GB/s':>7s} {'cpu ext speed-up':>17s}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:20s} {median:10.2f} {min(values):8.2f} {bytes_moved / median / 1e6:7.2f} "
+              f"{median / fast:16.1f}x")
+
+
+if __name__ == "__main__":
+    main()
