@@ -54,15 +54,18 @@ def row_loss_dtype(dtype: torch.dtype) -> torch.dtype:
 @triton.jit
 def _subset_l1_partials_kernel(
     est_ptr, mix_ptr, partials_ptr,
-    D, chunk_len,
+    D,
     NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr,
     LOW_SOURCES: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     # Subsets are split as mask = high * 2**LOW_SOURCES + low: the program's `high` bits pick a
     # fixed base sum, the low sources are enumerated in registers (2**LOW_SOURCES at once).
+    # The `worker` programs of a row stride over its blocks, so every program gets the same work and
+    # the launch is sized to fit the GPU in one wave (no tail of half-empty waves).
     high = tl.program_id(0)
-    chunk = tl.program_id(1)
+    worker = tl.program_id(1)
     row = tl.program_id(2)
+    num_workers = tl.num_programs(1)
     NUM_LOW_MASKS: tl.constexpr = 1 << LOW_SOURCES
     NUM_MASKS: tl.constexpr = 1 << NUM_SOURCES
 
@@ -73,8 +76,7 @@ def _subset_l1_partials_kernel(
     mix_row = mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
 
     acc = tl.zeros((MIX_PAD, NUM_LOW_MASKS, BLOCK_D), ACC_DTYPE)
-    begin = chunk * chunk_len
-    for start in range(begin, begin + chunk_len, BLOCK_D):
+    for start in range(worker * BLOCK_D, D, num_workers * BLOCK_D):
         d = start + offsets
         in_bounds = d < D
         # -0.0 is the additive identity that the compiler may fold away (x + -0.0 == x for every x).
@@ -94,7 +96,7 @@ def _subset_l1_partials_kernel(
         acc += tl.abs(sums[None, :, :] - mix[:, None, :])
 
     partial = tl.sum(acc, axis=2)
-    out = partials_ptr + (row * tl.num_programs(1) + chunk) * (NUM_MIXTURES * NUM_MASKS)
+    out = partials_ptr + (row * num_workers + worker) * (NUM_MIXTURES * NUM_MASKS)
     tl.store(
         out + mix_rows[:, None] * NUM_MASKS + high * NUM_LOW_MASKS + low_masks[None, :],
         partial, mask=(mix_rows < NUM_MIXTURES)[:, None],
@@ -105,10 +107,13 @@ def _subset_l1_partials_kernel(
 def _select_best_kernel(
     partials_ptr, masks_ptr, row_loss_ptr, best_ptr,
     num_chunks, num_candidates, count,
-    NUM_MIXTURES: tl.constexpr, NUM_MASKS: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NUM_MIXTURES: tl.constexpr, NUM_MASKS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_C)
+    chunk_lanes = tl.arange(0, BLOCK_T)
+    row_partials = partials_ptr + row * num_chunks * (NUM_MIXTURES * NUM_MASKS)
     # Each lane keeps the first minimum of the candidates it sees (in increasing order);
     # the lanes are merged at the end by (key, candidate index).
     best_key = tl.full((BLOCK_C,), float("inf"), ACC_DTYPE)
@@ -117,11 +122,16 @@ def _select_best_kernel(
         cand = first + lanes
         valid = cand < num_candidates
         total = tl.zeros((BLOCK_C,), ACC_DTYPE)
-        for chunk in range(num_chunks):
-            partials = partials_ptr + (row * num_chunks + chunk) * (NUM_MIXTURES * NUM_MASKS)
-            for n in tl.static_range(NUM_MIXTURES):
-                mask = tl.load(masks_ptr + cand * NUM_MIXTURES + n, mask=valid, other=0)
-                total += tl.load(partials + n * NUM_MASKS + mask, mask=valid, other=0.0)
+        for n in tl.static_range(NUM_MIXTURES):
+            mask = tl.load(masks_ptr + cand * NUM_MIXTURES + n, mask=valid, other=0)
+            # A (chunks x candidates) tile per step: the chunk loop is short, so it is not latency-bound.
+            for chunk in range(0, num_chunks, BLOCK_T):
+                chunks = chunk + chunk_lanes
+                tile = tl.load(
+                    row_partials + chunks[:, None] * (NUM_MIXTURES * NUM_MASKS) + n * NUM_MASKS + mask[None, :],
+                    mask=(chunks < num_chunks)[:, None] & valid[None, :], other=0.0,
+                )
+                total += tl.sum(tile, axis=0)
         # Losses are >= 0, so -1 ranks NaN first: a NaN anywhere in a row makes the row NaN.
         key = tl.where(total != total, -1.0, total)
         # A lane's first valid candidate always counts, so rows whose every candidate is +inf still pick one.
@@ -185,28 +195,68 @@ def _acc_dtype(dtype: torch.dtype):
     return _TL_ACC.get(dtype, tl.float32)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def forward_config(num_sources: int, num_mixtures: int, length: int, batch: int, device: torch.device):
-    """Tile sizes of the partials kernel: (low_sources, block_d, num_warps, chunk_len)."""
-    # Subset sums and accumulators live in registers: (1 + mixtures) * 2**low values per element.
+def forward_config(num_sources: int, num_mixtures: int):
+    """Tile shape of the partials kernel: (low_sources, block_d, num_warps)."""
+    # Subset sums and accumulators live in registers, (1 + mixtures) * 2**low of them per element a
+    # thread holds; past ~48 they spill (measured on an H200: 2 elements per thread at M=4 ran 2.5x slower).
     low_sources = min(num_sources, 5)
-    mix_pad = triton.next_power_of_2(num_mixtures)
-    values_per_element = (1 + mix_pad) << low_sources
-    elements_per_thread = min(8, 1 << (max(1, 96 // values_per_element).bit_length() - 1))
+    values_per_element = (1 + triton.next_power_of_2(num_mixtures)) << low_sources
+    elements_per_thread = min(4, 1 << (max(1, 48 // values_per_element).bit_length() - 1))
     num_warps = 4
-    block_d = 32 * num_warps * elements_per_thread
-    # Enough programs for several waves on every SM, each looping long enough to amortise its
-    # final cross-thread reduction.
+    return low_sources, 32 * num_warps * elements_per_thread, num_warps
+
+
+def _programs_per_wave(kernel_args: tuple, kernel_kwargs: dict, device: torch.device, batch: int) -> int:
+    """How many programs of the partials kernel the GPU runs at once (registers and warps per SM decide)."""
+    if device.type != "cuda":
+        return 64  # the interpreter: any count is correct, a few keep it quick
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * kernel_kwargs["num_warps"]
+    per_sm = props.max_threads_per_multi_processor // threads
+    try:
+        compiled = _subset_l1_partials_kernel.warmup(*kernel_args, grid=(1, 1, batch), **kernel_kwargs)
+        getattr(compiled, "_init_handles", lambda: None)()  # loads the binary, which fills n_regs
+        per_sm = min(per_sm, props.regs_per_multiprocessor // (max(1, int(compiled.n_regs)) * threads))
+    except Exception:  # a Triton without warmup(): assume a moderate register budget
+        per_sm = min(per_sm, 4)
+    return max(1, per_sm) * props.multi_processor_count
+
+
+_forward_plans: dict = {}
+
+
+def _forward_plan(est: torch.Tensor, mixtures: torch.Tensor, partitions: str) -> dict:
+    """Grid and arguments of both forward kernels for this shape, dtype and device, worked out once."""
+    key = (tuple(est.shape), mixtures.shape[1], est.dtype, est.device, partitions)
+    plan = _forward_plans.get(key)
+    if plan is not None:
+        return plan
+    batch, num_sources, length = est.shape
+    num_mixtures = mixtures.shape[1]
+    low_sources, block_d, num_warps = forward_config(num_sources, num_mixtures)
     highs = 1 << (num_sources - low_sources)
-    blocks = triton.cdiv(length, block_d)
-    target_programs = 16 * _num_sms(device)
-    iters = max(1, min(64, (blocks * batch * highs) // target_programs))
-    return low_sources, block_d, num_warps, block_d * iters
+    acc_dtype = _acc_dtype(est.dtype)
+    partials_kwargs = dict(NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures,
+                           MIX_PAD=triton.next_power_of_2(num_mixtures), LOW_SOURCES=low_sources, BLOCK_D=block_d,
+                           ACC_DTYPE=acc_dtype, num_warps=num_warps)
+    # One wave of programs, split evenly over rows and subset blocks; never more workers than blocks.
+    wave = _programs_per_wave((est, mixtures, est.new_empty(0, dtype=row_loss_dtype(est.dtype)), length),
+                              partials_kwargs, est.device, batch)
+    num_chunks = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
+    count = num_candidates(num_sources, num_mixtures, partitions)
+    block_c = min(256, triton.next_power_of_2(count))
+    plan = dict(
+        partials_shape=(batch, num_chunks, num_mixtures, 1 << num_sources),
+        partials_grid=(highs, num_chunks, batch),
+        partials_kwargs=partials_kwargs,
+        masks=candidate_masks(num_sources, num_mixtures, partitions, est.device),
+        select_args=(num_chunks, count, float(num_mixtures * length)),
+        select_kwargs=dict(NUM_MIXTURES=num_mixtures, NUM_MASKS=1 << num_sources, BLOCK_C=block_c,
+                           BLOCK_T=min(triton.next_power_of_2(num_chunks), max(1, 4096 // block_c)),
+                           ACC_DTYPE=acc_dtype, num_warps=4),
+    )
+    _forward_plans[key] = plan
+    return plan
 
 
 def _check_runnable(tensor: torch.Tensor) -> None:
@@ -220,28 +270,22 @@ def _check_runnable(tensor: torch.Tensor) -> None:
 
 def triton_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
     _check_runnable(est)
-    batch, num_sources, length = est.shape
-    num_mixtures = mixtures.shape[1]
+    plan = _forward_plan(est, mixtures, partitions)
+    batch, length = est.shape[0], est.shape[2]
     acc_dtype = row_loss_dtype(est.dtype)
-    low_sources, block_d, num_warps, chunk_len = forward_config(num_sources, num_mixtures, length, batch, est.device)
-    num_chunks = triton.cdiv(length, chunk_len)
-    num_masks = 1 << num_sources
-    partials = torch.empty(batch, num_chunks, num_mixtures, num_masks, dtype=acc_dtype, device=est.device)
-    _subset_l1_partials_kernel[(1 << (num_sources - low_sources), num_chunks, batch)](
-        est, mixtures, partials, length, chunk_len,
-        NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures, MIX_PAD=triton.next_power_of_2(num_mixtures),
-        LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), num_warps=num_warps,
-    )
-    masks = candidate_masks(num_sources, num_mixtures, partitions, est.device)
+    partials = torch.empty(plan["partials_shape"], dtype=acc_dtype, device=est.device)
+    _subset_l1_partials_kernel[plan["partials_grid"]](est, mixtures, partials, length, **plan["partials_kwargs"])
     row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device)
     best = torch.empty(batch, dtype=torch.int64, device=est.device)
-    count_candidates = num_candidates(num_sources, num_mixtures, partitions)
-    _select_best_kernel[(batch,)](
-        partials, masks, row_loss, best, num_chunks, count_candidates, float(num_mixtures * length),
-        NUM_MIXTURES=num_mixtures, NUM_MASKS=num_masks,
-        BLOCK_C=min(256, triton.next_power_of_2(count_candidates)), ACC_DTYPE=_acc_dtype(est.dtype),
-    )
+    _select_best_kernel[(batch,)](partials, plan["masks"], row_loss, best, *plan["select_args"],
+                                  **plan["select_kwargs"])
     return row_loss, best
+
+
+# Measured on an H200 at B=16, M=4, N=2, D=617400: 512 x 16 warps reached 93% of copy bandwidth,
+# 1024 x 4 warps 75%.
+BACKWARD_BLOCK_D = 512
+BACKWARD_WARPS = 16
 
 
 def triton_backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool):
@@ -250,12 +294,12 @@ def triton_backward(grad_rows, est, mixtures, best, partitions: str, mixtures_gr
     num_mixtures = mixtures.shape[1]
     grad_est = torch.empty_like(est)
     grad_mix = torch.empty_like(mixtures) if mixtures_grad else None
-    block_d = 1024
+    block_d = BACKWARD_BLOCK_D
     _mixit_l1_backward_kernel[(triton.cdiv(length, block_d), batch)](
         grad_rows, est, mixtures, candidate_masks(num_sources, num_mixtures, partitions, est.device), best,
         grad_est, grad_mix if mixtures_grad else grad_est, length, float(num_mixtures * length),
         NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures, MIX_PAD=triton.next_power_of_2(num_mixtures),
-        BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), MIXTURES_GRAD=mixtures_grad, num_warps=4,
+        BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), MIXTURES_GRAD=mixtures_grad, num_warps=BACKWARD_WARPS,
     )
     return grad_est, grad_mix
 
