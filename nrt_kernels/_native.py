@@ -49,7 +49,14 @@ def _import_prebuilt():
         from . import _cpu
     except ImportError:
         return None
-    return _cpu if getattr(_cpu, "ABI_VERSION", None) == ABI_VERSION else None
+    if getattr(_cpu, "ABI_VERSION", None) != ABI_VERSION:
+        return None
+    # In a source checkout (editable install), C++ edited after the build wins: compile it just in time.
+    sources = [_CSRC / name for name in _SOURCES] + [_CSRC / "cpu" / "mixit_l1_cpu.h"]
+    built = os.path.getmtime(_cpu.__file__)
+    if any(source.exists() and source.stat().st_mtime > built for source in sources):
+        return None
+    return _cpu
 
 
 def _compile_just_in_time():
