@@ -33,8 +33,9 @@ constexpr int64_t kLanes = 16;
 // the partials buffer (N * 2**M values per tile) far below the input size and gives enough work items
 // for a few threads at audio lengths.
 constexpr int64_t kTile = 4096;
-// Elements of D per backward work item.
+// Elements of D per backward work item, and per pass over its sources (the chunk's errors stay in L1).
 constexpr int64_t kBackwardTile = 8192;
+constexpr int64_t kBackwardChunk = 512;
 // nrt_kernels.assignments.MAX_SOURCES: the subset table has 2**M entries.
 constexpr int64_t kMaxSources = 12;
 
@@ -205,9 +206,8 @@ void backward_impl(const at::Tensor& grad_rows, const at::Tensor& est, const at:
   const acc_t count = static_cast<acc_t>(num_mixtures * length);
 
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> workspace(static_cast<size_t>((num_sources + num_mixtures) * kLanes));
-    acc_t* __restrict__ source = workspace.data();             // [kLanes]
-    acc_t* __restrict__ grad = source + kLanes;                // [num_mixtures][kLanes]
+    std::vector<acc_t> workspace(static_cast<size_t>(num_mixtures * kBackwardChunk));
+    acc_t* __restrict__ grad = workspace.data();  // [num_mixtures][kBackwardChunk]: err, then the gradient
     int64_t owner[kMaxSources] = {};
     for (int64_t item = first; item < last; ++item) {
       const int64_t row = item / num_tiles, tile = item % num_tiles;
@@ -222,33 +222,36 @@ void backward_impl(const at::Tensor& grad_rows, const at::Tensor& est, const at:
       const scalar_t* est_row = est_data + row * num_sources * length;
       const scalar_t* mix_row = mix_data + row * num_mixtures * length;
       const int64_t end = std::min(length, (tile + 1) * kBackwardTile);
-      for (int64_t start = tile * kBackwardTile; start < end; start += kLanes) {
-        const int64_t count_lanes = std::min(kLanes, end - start);
+      // Plain loops over a chunk with a runtime trip count: each one vectorises (with the dtype conversion).
+      for (int64_t start = tile * kBackwardTile; start < end; start += kBackwardChunk) {
+        const int64_t size = std::min(kBackwardChunk, end - start);
         // err_n = (sum of the sources assigned to n, in increasing source order) - mix_n.
-        for (int64_t i = 0; i < num_mixtures * kLanes; ++i) grad[i] = acc_t(0);
+        std::fill(grad, grad + num_mixtures * kBackwardChunk, acc_t(0));
         for (int64_t s = 0; s < num_sources; ++s) {
-          load_lanes(est_row + s * length + start, count_lanes, source);
-          acc_t* __restrict__ err = grad + owner[s] * kLanes;
-          for (int64_t l = 0; l < kLanes; ++l) err[l] += source[l];
+          const scalar_t* __restrict__ x = est_row + s * length + start;
+          acc_t* __restrict__ err = grad + owner[s] * kBackwardChunk;
+          for (int64_t l = 0; l < size; ++l) err[l] += static_cast<acc_t>(x[l]);
         }
         for (int64_t n = 0; n < num_mixtures; ++n) {
-          load_lanes(mix_row + n * length + start, count_lanes, source);
-          acc_t* __restrict__ g = grad + n * kLanes;
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const acc_t err = g[l] - source[l];
+          const scalar_t* __restrict__ m = mix_row + n * length + start;
+          acc_t* __restrict__ g = grad + n * kBackwardChunk;
+          for (int64_t l = 0; l < size; ++l) {
+            const acc_t err = g[l] - static_cast<acc_t>(m[l]);
             // sign(0) = sign(NaN) = 0, like autograd's abs backward.
-            const acc_t sign = static_cast<acc_t>((err > acc_t(0)) - (err < acc_t(0)));
+            const acc_t sign = static_cast<acc_t>(err > acc_t(0)) - static_cast<acc_t>(err < acc_t(0));
             g[l] = scale * sign;
           }
         }
         for (int64_t s = 0; s < num_sources; ++s) {
-          store_lanes(grad + owner[s] * kLanes, count_lanes, grad_est_data + (row * num_sources + s) * length + start);
+          const acc_t* __restrict__ g = grad + owner[s] * kBackwardChunk;
+          scalar_t* __restrict__ out = grad_est_data + (row * num_sources + s) * length + start;
+          for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(g[l]);
         }
         if (grad_mix_data != nullptr) {
           for (int64_t n = 0; n < num_mixtures; ++n) {
-            acc_t* __restrict__ g = grad + n * kLanes;
-            for (int64_t l = 0; l < kLanes; ++l) source[l] = -g[l];
-            store_lanes(source, count_lanes, grad_mix_data + (row * num_mixtures + n) * length + start);
+            const acc_t* __restrict__ g = grad + n * kBackwardChunk;
+            scalar_t* __restrict__ out = grad_mix_data + (row * num_mixtures + n) * length + start;
+            for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(-g[l]);
           }
         }
       }
