@@ -93,12 +93,26 @@ def load_cpu_extension():
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_extension_available() -> bool:
-    """Whether :func:`load_cpu_extension` succeeds (it is tried once, compiling if needed)."""
+def _available() -> bool:
     try:
-        load_cpu_extension()
+        _load()
     except NativeExtensionError:
         return False
+    return True
+
+
+# The two checks below run inside mixit_loss, which torch.compile traces: marked constant, dynamo calls them
+# once at trace time (loading or building the extension there) instead of tracing the import machinery.
+@torch.compiler.assume_constant_result
+def cpu_extension_available() -> bool:
+    """Whether :func:`load_cpu_extension` succeeds (it is tried once, compiling if needed)."""
+    return _available()
+
+
+@torch.compiler.assume_constant_result
+def ensure_cpu_backend() -> bool:
+    """Load the extension and register the "cpu" backend; raises :class:`NativeExtensionError` saying how to get it."""
+    _load()
     return True
 
 

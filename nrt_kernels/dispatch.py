@@ -51,7 +51,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                                'impl="auto"')
         from . import _native
 
-        _native.load_cpu_extension()  # registers the backend; raises NativeExtensionError saying how to get it
+        _native.ensure_cpu_backend()  # registers the backend; raises NativeExtensionError saying how to get it
         return "cpu"
     if impl == "cuda":
         if device.type != "cuda":

@@ -245,7 +245,7 @@ def test_missing_extension_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(_native, "_import_prebuilt", lambda: None)
     monkeypatch.setattr(_native, "_compile_just_in_time", no_compiler)
     _native._load.cache_clear()
-    _native.cpu_extension_available.cache_clear()
+    _native._available.cache_clear()
     try:
         with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e .") as error:
             dispatch.resolve_impl("cpu", torch.device("cpu"))
@@ -254,7 +254,7 @@ def test_missing_extension_says_how_to_get_it(monkeypatch):
         assert dispatch.resolve_impl("auto", torch.device("cpu")) == "reference"
     finally:
         _native._load.cache_clear()
-        _native.cpu_extension_available.cache_clear()
+        _native._available.cache_clear()
 
 
 def test_cpu_impl_rejects_other_devices():
@@ -265,3 +265,29 @@ def test_cpu_impl_rejects_other_devices():
 def test_import_compiles_nothing():
     code = "import sys, nrt_kernels; assert 'nrt_kernels._native' not in sys.modules, 'import loaded the extension'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "auto"])
+def test_compiled_training_step_has_no_graph_break(impl):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4 * 2 * 16)
+    x, mixtures = torch.randn(3, 16), torch.randn(3, 2, 2, 16)
+
+    def step(x, mixtures):
+        return nrt_kernels.mixit_loss(model(x).view(3, 4, 2, 16), mixtures, impl=impl, return_assignment=True)
+
+    torch._dynamo.reset()
+    loss, assignment = torch.compile(step, fullgraph=True, backend="aot_eager")(x, mixtures)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    eager_loss, eager_assignment = step(x, mixtures)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager_loss)
+    assert torch.equal(assignment, eager_assignment)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_opcheck_custom_ops_on_cpu_backend(native):
+    est, mix = make_inputs(2, 3, 2, trailing=(10,), seed=16)
+    torch.library.opcheck(torch.ops.nrt_kernels.mixit_l1.default, (est, mix, "generalized", "cpu"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
