@@ -1,8 +1,9 @@
 """nrt_kernels: fused losses for noise-robust training of source separators."""
-from . import assignments, reference
+from . import assignments, reference, training
 from .assignments import MAX_CANDIDATES, MAX_SOURCES
 from .dispatch import IMPLS
-from .losses import MixITLoss, mixit_loss
+from .losses import MixITLoss, NoiseRobustLoss, mixit_loss, noise_robust_loss
 
-__all__ = ["IMPLS", "MAX_CANDIDATES", "MAX_SOURCES", "MixITLoss", "assignments", "mixit_loss", "reference"]
+__all__ = ["IMPLS", "MAX_CANDIDATES", "MAX_SOURCES", "MixITLoss", "assignments", "mixit_loss", "reference",
+           "NoiseRobustLoss", "noise_robust_loss", "training"]
 __version__ = "0.1.0"

@@ -5,13 +5,15 @@
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import nn
 
-from . import reference
-from .losses import mixit_loss
+from . import reference, training
+from .losses import mixit_loss, noise_robust_loss
+from .validate import NOISE_ROBUST_TERMS
 
 
 class SingleSrcL1(nn.Module):
@@ -77,3 +79,59 @@ class MixITLossWrapper(nn.Module):
                                                   reduction="none", return_est=True, return_assignment=False)[1]
         loss = row_loss.mean() if self.reduction == "mean" else row_loss[:, None]
         return (loss, est_mixtures) if return_est else loss
+
+
+def _teacher_separate(ema_model):
+    return functools.partial(ema_model.separate, patch_length=None)
+
+
+class MixITnL1nMeanTeacher(nn.Module):
+    """iSeparate-SDX's V1 loss (Wavelet-HTDemucs), fused: ``(w0 l1 + w1 MixIT + w2 teacher) / sum(weights)``.
+
+    ``forward(outputs={'y_hat': est}, targets={'y': noisy stems}, ema_model=None, weights=None,
+    mean_teacher_enable=False)`` as iSeparate's: the pairing is one ``torch.randperm(S)`` drawn (only when the
+    MixIT weight is non-zero) before the teacher runs; the teacher term runs when its weight is non-zero, an
+    ``ema_model`` with ``.separate(x, patch_length=None)`` is given and ``mean_teacher_enable`` is true; the loss
+    is divided by the sum of all three weights either way.
+    """
+
+    version = "v1"
+    default_weights = (1, 0, 0)
+
+    def __init__(self, impl="auto"):
+        super().__init__()
+        self.impl = impl
+
+    def _weights(self, weights):
+        return list(self.default_weights if weights is None else weights)
+
+    def _teacher_targets(self, est, y, ema_model):
+        return training.teacher_targets_v1(_teacher_separate(ema_model), y)
+
+    def forward(self, outputs, targets, ema_model=None, weights=None, mean_teacher_enable=False):
+        est, y = outputs["y_hat"], targets["y"]
+        weights = self._weights(weights)
+        terms = NOISE_ROBUST_TERMS[self.version]
+        mixit_index, teacher_index = terms.index("mixit"), terms.index("teacher")
+        pairing = torch.randperm(y.shape[1]) if len(weights) > mixit_index and weights[mixit_index] != 0 else None
+        teacher = None
+        if len(weights) > teacher_index and weights[teacher_index] != 0 and ema_model is not None \
+                and mean_teacher_enable:
+            teacher = self._teacher_targets(est, y, ema_model)
+        return noise_robust_loss(est, y, version=self.version, weights=weights, teacher_targets=teacher,
+                                 pairing=pairing, normalize="iseparate", impl=self.impl)
+
+
+class MixITnL1nMeanTeacherV2(MixITnL1nMeanTeacher):
+    """iSeparate-SDX's V2 loss (DWT-Transformer-UNet), fused: l1, mixture consistency, MixIT and a teacher that
+    separates the detached output mixture, divided by the weights of the terms computed.  iSeparate's default
+    ``weights`` has five entries of which it reads four: extra entries are ignored the same way."""
+
+    version = "v2"
+    default_weights = (1, 1, 0, 0, 0)
+
+    def _weights(self, weights):
+        return list(self.default_weights if weights is None else weights)[: len(NOISE_ROBUST_TERMS["v2"])]
+
+    def _teacher_targets(self, est, y, ema_model):
+        return training.teacher_targets_v2(_teacher_separate(ema_model), est)

@@ -7,7 +7,9 @@ from torch import nn
 from . import reference
 from .dispatch import resolve_impl
 from .ops.mixit_l1 import mixit_l1
+from .ops.noise_robust_l1 import TERM_NAMES, noise_robust_l1
 from .validate import check_mixit_inputs
+from .validate import check_noise_robust_inputs
 
 
 def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
@@ -57,3 +59,106 @@ class MixITLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+
+
+def _fused_operand(tensor: torch.Tensor, dtype: torch.dtype, batch: int, num_sources: int) -> torch.Tensor:
+    # The kernels read (B, S, D) row-major: a non-contiguous input costs one copy here.
+    flat = tensor.to(dtype).reshape(batch, num_sources, -1).contiguous()
+    # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
+    if flat.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        flat = flat.clone()
+    return flat
+
+
+def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=None, pairing=None,
+                      normalize="iseparate", source_weights=None, return_terms=False, impl="auto"):
+    """iSeparate-SDX's noise-robust training loss (V1: Wavelet-HTDemucs, V2: DWT-Transformer-UNet).
+
+    Terms, each a mean over the batch: ``l1`` = |est - targets| (iSeparate's l1_loss: mean over trailing dims,
+    batch, then a weighted mean over sources); ``consistency`` (V2) = |sum_s est - sum_s targets|; ``mixit`` = the
+    generalized MixIT L1 of est against the two mixtures that the pairing forms from the noisy targets;
+    ``teacher`` = l1(est, teacher_targets).
+
+    Args:
+        est: (B, S, *) estimated sources, S even.
+        targets: (B, S, *) noisy target stems.
+        version: "v1" (weights for l1, mixit, teacher) or "v2" (l1, consistency, mixit, teacher).
+        weights: one non-negative number per term; a term with weight 0 is not computed (its inputs not read).
+        teacher_targets: (B, S, *) teacher outputs (:func:`nrt_kernels.training.teacher_targets_v1` / ``_v2``), or
+            None on iterations without the teacher term.
+        pairing: None (one ``torch.randperm(S)`` from the global generator for the batch, drawn only when the
+            MixIT term runs), "per_example" (one per row) or an explicit (S,) / (B, S) permutation: its first S/2
+            stems form mixture 0, the rest mixture 1.
+        normalize: "iseparate" (V1 divides by the sum of all three weights even when the teacher term is skipped;
+            V2 by the weights of the computed terms) or "active" (the weights of the computed terms).
+        source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
+        return_terms: also return ``{term name: detached value}`` of the computed terms.
+        impl: "auto", "triton" (one fused op), "cuda"/"cpu" (the MixIT op of that backend, the other terms in
+            PyTorch) or "reference".  Targets or teacher targets that require grad take the reference path.
+
+    Returns:
+        ``loss`` (float32, float64 for float64 inputs on the fused path), or ``(loss, terms)``.
+    """
+    check_noise_robust_inputs(est, targets, teacher_targets, version=version, weights=weights, normalize=normalize,
+                              source_weights=source_weights)
+    active = reference.active_terms(version, weights, teacher_targets is not None)
+    backend = resolve_impl(impl, est.device)
+    target_grad = targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
+    if backend == "reference" or (target_grad and torch.is_grad_enabled()):
+        return reference.noise_robust_loss(est, targets, version=version, weights=weights,
+                                           teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
+                                           source_weights=source_weights, return_terms=return_terms)
+    divisor = reference.loss_divisor(version, weights, active, normalize)
+    batch, num_sources = est.shape[:2]
+    rows = reference.pairing_rows(pairing, batch, num_sources, est.device) if "mixit" in active else None
+    if backend != "triton":
+        terms = reference.noise_robust_terms(
+            est, targets, teacher_targets, active, rows, source_weights=source_weights,
+            mixit=lambda est_, mixtures: mixit_loss(est_, mixtures, impl=backend))
+        loss = reference.combine_terms(terms, active, divisor)
+        return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
+
+    dtype = torch.promote_types(est.dtype, targets.dtype)
+    if "teacher" in active:
+        dtype = torch.promote_types(dtype, teacher_targets.dtype)
+    flat_est = _fused_operand(est, dtype, batch, num_sources)
+    flat_targets = _fused_operand(targets, dtype, batch, num_sources)
+    flat_teacher = (_fused_operand(teacher_targets, dtype, batch, num_sources) if "teacher" in active
+                    else flat_est.new_empty(0))
+    if rows is None:
+        pair_masks = torch.zeros(batch, dtype=torch.int32, device=est.device)
+    else:
+        first_half = rows[:, : num_sources // 2]
+        pair_masks = torch.bitwise_left_shift(torch.ones_like(first_half), first_half).sum(1).to(torch.int32)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if source_weights is None:
+        flat_source_weights = torch.empty(0, dtype=acc_dtype, device=est.device)
+    else:
+        flat_source_weights = torch.as_tensor(source_weights, dtype=acc_dtype, device=est.device).reshape(-1)
+        flat_source_weights = (flat_source_weights / flat_source_weights.sum()).contiguous()
+    op_weights = [active.get(name, 0.0) for name in TERM_NAMES]
+    loss, term_values, _ = noise_robust_l1(flat_est, flat_targets, flat_teacher, pair_masks, flat_source_weights,
+                                           op_weights, divisor, backend)
+    if return_terms:
+        return loss, {name: term_values[TERM_NAMES.index(name)] for name in active}
+    return loss
+
+
+class NoiseRobustLoss(nn.Module):
+    """Module form of :func:`noise_robust_loss`: version, normalization, source weights and backend are fixed at
+    construction; ``forward(est, targets, *, weights, teacher_targets=None, pairing=None, return_terms=False)``."""
+
+    def __init__(self, version="v1", normalize="iseparate", impl="auto", source_weights=None):
+        super().__init__()
+        self.version = version
+        self.normalize = normalize
+        self.impl = impl
+        self.source_weights = source_weights
+
+    def forward(self, est, targets, *, weights, teacher_targets=None, pairing=None, return_terms=False):
+        return noise_robust_loss(est, targets, version=self.version, weights=weights, teacher_targets=teacher_targets,
+                                 pairing=pairing, normalize=self.normalize, source_weights=self.source_weights,
+                                 return_terms=return_terms, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"version={self.version!r}, normalize={self.normalize!r}, impl={self.impl!r}"

@@ -1,6 +1,8 @@
 """Input checks shared by every backend: one copy, so every path fails the same way."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .assignments import MAX_CANDIDATES, MAX_SOURCES, PARTITION_MODES, num_candidates
@@ -48,3 +50,69 @@ def check_mixit_inputs(est: torch.Tensor, mixtures: torch.Tensor, *, metric="l1"
     if count > MAX_CANDIDATES:
         raise ValueError(f"too many candidate assignments: {num_sources} sources into {num_mixtures} mixtures "
                          f"({partitions}) gives {count}, the limit is {MAX_CANDIDATES}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise-robust losses (V1/V2): est and noisy targets (B, S, *), optional teacher targets.
+# ----------------------------------------------------------------------------------------------
+
+NOISE_ROBUST_TERMS = {"v1": ("l1", "mixit", "teacher"), "v2": ("l1", "consistency", "mixit", "teacher")}
+NORMALIZATIONS = ("iseparate", "active")
+
+
+def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1", weights=None,
+                              normalize="iseparate", source_weights=None) -> None:
+    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid."""
+    check_choice("version", version, tuple(NOISE_ROBUST_TERMS))
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    tensors = [("est", est), ("targets", targets)]
+    if teacher_targets is not None:
+        tensors.append(("teacher_targets", teacher_targets))
+    for name, tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
+        if tensor.shape != est.shape:
+            raise ValueError(f"{name} must have the shape of est {tuple(est.shape)}, got {tuple(tensor.shape)}")
+        if tensor.device != est.device:
+            raise ValueError(f"{name} must be on the device of est ({est.device}), got {tensor.device}")
+    if est.ndim < 3:
+        raise ValueError(f"est must have shape (batch, sources, *trailing) with at least one trailing dim, got shape "
+                         f"{tuple(est.shape)}")
+    if est.numel() == 0:
+        raise ValueError(f"empty input: est has shape {tuple(est.shape)}")
+    num_sources = est.shape[1]
+    if num_sources % 2:
+        raise ValueError(f"the MixIT term splits the {num_sources} noisy stems into two mixtures of equal size, so the "
+                         f"number of sources must be even, got {num_sources}")
+    if num_sources > MAX_SOURCES:
+        raise ValueError(f"at most {MAX_SOURCES} sources are supported, got {num_sources}")
+    names = NOISE_ROBUST_TERMS[version]
+    if weights is None or len(weights) != len(names):
+        raise ValueError(f"version {version!r} needs {len(names)} weights for the terms {names}, got {weights!r}")
+    for name, weight in zip(names, weights):
+        if isinstance(weight, torch.Tensor) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"weights must be Python numbers, got {type(weight).__name__} for the {name} term")
+        if not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"weights must be finite and >= 0, got {weight!r} for the {name} term")
+    if source_weights is not None:
+        count = source_weights.numel() if isinstance(source_weights, torch.Tensor) else len(source_weights)
+        if count != num_sources:
+            raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
+
+
+def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
+    """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row."""
+    if not isinstance(pairing, torch.Tensor):
+        raise TypeError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
+    if pairing.dtype.is_floating_point or pairing.dtype.is_complex or pairing.dtype == torch.bool:
+        raise TypeError(f"pairing must be an integer tensor, got {pairing.dtype}")
+    if pairing.shape not in ((num_sources,), (batch, num_sources)):
+        raise ValueError(f"pairing must have shape ({num_sources},) or ({batch}, {num_sources}), got "
+                         f"{tuple(pairing.shape)}")
+    # Checking the values needs them on the host: done for CPU pairings only, never a GPU sync.
+    if pairing.device.type == "cpu":
+        expected = torch.arange(num_sources).expand(pairing.shape)
+        if not torch.equal(pairing.sort(dim=-1).values.to(torch.int64), expected):
+            raise ValueError(f"pairing must be a permutation of 0..{num_sources - 1} (per row), got {pairing.tolist()}")

@@ -1,0 +1,158 @@
+"""Training-loop pieces of iSeparate-SDX's noise-robust recipe: the EMA (mean) teacher, its targets, the schedules.
+
+Typical step (see ``python/train_noise_robust.py``)::
+
+    step = schedule(epoch, iteration)                 # weights of this epoch, teacher on this iteration?
+    est = model(mixture)
+    teacher = teacher_targets_v1(ema.separate, y) if step.teacher else None
+    loss = criterion(est, y, weights=step.weights, teacher_targets=teacher)
+    loss.backward(); optimizer.step(); ema.update(model); iteration += 1
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel (and DataParallel) keep the real model in .module.
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+class EMATeacher:
+    """Exponential moving average of a model's parameters, used as the mean teacher.
+
+    With ``unbiased=True`` (iSeparate's ``ModelEMA2``) the k-th update uses the weight ``1 / count_k`` with
+    ``count_k = count_{k-1} * decay + 1``, so the first update copies the model and early averages are not
+    biased towards the initial copy; otherwise the weight is ``1 - decay``.  Buffers are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9995, unbiased: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.unbiased = unbiased
+        self.count = 0.0
+        self.model = copy.deepcopy(_unwrap(model)).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def update_weight(self) -> float:
+        """Advance the count and return the weight of the online model in this update."""
+        if not self.unbiased:
+            return 1.0 - self.decay
+        self.count = self.count * self.decay + 1.0
+        return 1.0 / self.count
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        model = _unwrap(model)
+        weight = self.update_weight()
+        online = list(model.parameters())
+        average = list(self.model.parameters())
+        if len(online) != len(average):
+            raise ValueError(f"the model has {len(online)} parameters, the teacher {len(average)}")
+        for source, target in zip(online, average):
+            target.mul_(1.0 - weight).add_(source.detach().to(target.dtype), alpha=weight)
+        for source, target in zip(model.buffers(), self.model.buffers()):
+            target.copy_(source.detach())
+
+    def separate(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The teacher's sources for input ``x``, under inference mode.  Keyword arguments (iSeparate's
+        ``patch_length``) go to the model's own ``separate`` when it has one; otherwise the model is called."""
+        with torch.inference_mode():
+            if hasattr(self.model, "separate"):
+                return self.model.separate(x, **kwargs)
+            unused = {key: value for key, value in kwargs.items() if value is not None}
+            if unused:
+                raise TypeError(f"{type(self.model).__name__} has no separate() method to take {sorted(unused)}")
+            return self.model(x)
+
+    __call__ = separate
+
+    def state_dict(self) -> dict:
+        return {"state": self.model.state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        self.model.load_state_dict(state["state"])
+
+
+def teacher_targets_v1(separate, targets: torch.Tensor) -> torch.Tensor:
+    """V1 teacher targets: the teacher separates each noisy stem on its own (all B x S stems in one batched
+    call) and its k-th outputs are summed over the stems: ``t_k = sum_s separate(y_s)[k]``, shape (B, K, *)."""
+    batch, num_sources = targets.shape[:2]
+    with torch.inference_mode():
+        outputs = separate(targets.detach().reshape(batch * num_sources, *targets.shape[2:]))
+    # Summed outside inference mode: the result is an ordinary tensor that autograd may save.
+    return outputs.reshape(batch, num_sources, *outputs.shape[1:]).sum(1)
+
+
+def teacher_targets_v2(separate, est: torch.Tensor) -> torch.Tensor:
+    """V2 teacher targets: the teacher separates the detached output mixture ``sum_s est_s``, shape (B, K, *)."""
+    with torch.inference_mode():
+        return separate(est.detach().sum(1))
+
+
+@dataclass(frozen=True)
+class ScheduleStep:
+    weights: tuple  # one weight per loss term, in the loss version's term order
+    teacher: bool  # whether this iteration computes the teacher targets (and so the teacher term)
+
+
+class LossSchedule:
+    """Loss weights by epoch and the teacher term's cadence, as iSeparate's ``train_dist.py``.
+
+    ``weights(epoch)`` (1-based epoch) is ``table[bisect_right(milestones, epoch - 1)]``: with milestones
+    ``[100, 200]`` epochs 1-100 use row 0, 101-200 row 1, 201+ row 2.  ``teacher_enabled(iteration)`` is true
+    every ``teacher_interval``-th global iteration (0-based, counted across epochs: 0, 2, 4, ... for 2).
+    ``schedule(epoch, iteration)`` gives both; ``teacher`` is false where the teacher weight is 0.
+    """
+
+    def __init__(self, table, milestones, teacher_interval: int = 1, iterations_per_epoch: int | None = None):
+        table = [tuple(row) for row in table]
+        milestones = list(milestones)
+        if len(table) != len(milestones) + 1:
+            raise ValueError(f"a table of {len(table)} rows needs {len(table) - 1} milestones, got {milestones}")
+        if any(len(row) != len(table[0]) for row in table):
+            raise ValueError(f"every row of the table needs the same number of weights, got {table}")
+        if any(not isinstance(w, numbers.Real) or not w >= 0 for row in table for w in row):
+            raise ValueError(f"weights must be numbers >= 0, got {table}")
+        if milestones != sorted(milestones):
+            raise ValueError(f"milestones must be increasing, got {milestones}")
+        if teacher_interval < 1:
+            raise ValueError(f"teacher_interval must be >= 1, got {teacher_interval}")
+        self.table = table
+        self.milestones = milestones
+        self.teacher_interval = teacher_interval
+        self.iterations_per_epoch = iterations_per_epoch
+
+    @classmethod
+    def v1(cls) -> "LossSchedule":
+        """Wavelet-HTDemucs: [l1, mixit, teacher] = [1,1,0] (epochs 1-100), [1,2,1] (101-200), [0,2,1] (201+);
+        teacher every 2nd iteration; 300 iterations per epoch."""
+        return cls([[1, 1, 0], [1, 2, 1], [0, 2, 1]], [100, 200], teacher_interval=2, iterations_per_epoch=300)
+
+    @classmethod
+    def v2(cls) -> "LossSchedule":
+        """DWT-Transformer-UNet: [l1, consistency, mixit, teacher] = [1,0,2,0] (epochs 1-30),
+        [0.5,0.5,2,0.5] (31-50), [0,1,2,1] (51+); teacher every 2nd iteration; 2500 iterations per epoch."""
+        return cls([[1, 0, 2, 0], [0.5, 0.5, 2, 0.5], [0, 1, 2, 1]], [30, 50], teacher_interval=2,
+                   iterations_per_epoch=2500)
+
+    def weights(self, epoch: int) -> tuple:
+        if epoch < 1:
+            raise ValueError(f"epochs are counted from 1, got {epoch}")
+        return self.table[bisect.bisect_right(self.milestones, epoch - 1)]
+
+    def teacher_enabled(self, iteration: int) -> bool:
+        return iteration % self.teacher_interval == 0
+
+    def __call__(self, epoch: int, iteration: int) -> ScheduleStep:
+        weights = self.weights(epoch)
+        return ScheduleStep(weights, weights[-1] != 0 and self.teacher_enabled(iteration))

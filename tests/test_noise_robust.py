@@ -1,0 +1,260 @@
+"""The fused noise-robust loss (Triton under TRITON_INTERPRET=1) against nrt_kernels.reference."""
+import itertools
+
+import pytest
+import torch
+from tolerances import LOSS_TOLERANCE, assert_close_to_truth
+
+import nrt_kernels
+from nrt_kernels import reference
+from nrt_kernels.ops.noise_robust_l1 import TERM_NAMES, noise_robust_l1
+
+IMPL = "triton"
+# Non-zero weights per version: dyadic, so the float64 comparisons are exact up to summation order.
+NONZERO = {"v1": (1.5, 2.0, 0.5), "v2": (0.5, 0.25, 2.0, 1.0)}
+
+
+def make_inputs(batch=3, sources=4, trailing=(2, 45), dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    est, targets, teacher = (torch.randn(batch, sources, *trailing, generator=gen, dtype=torch.float64).to(dtype)
+                             for _ in range(3))
+    pairing = torch.stack([torch.randperm(sources, generator=gen) for _ in range(batch)])
+    return est, targets, teacher, pairing
+
+
+def loss_terms_grad(fn, est, targets, **kwargs):
+    est = est.detach().clone().requires_grad_(True)
+    loss, terms = fn(est, targets, return_terms=True, **kwargs)
+    (grad,) = torch.autograd.grad(loss * 3.0, est)
+    return loss, terms, grad
+
+
+def assert_same(fast, ref, rtol, atol):
+    torch.testing.assert_close(fast[0], ref[0], rtol=rtol, atol=atol)
+    assert fast[1].keys() == ref[1].keys()
+    for name in ref[1]:
+        torch.testing.assert_close(fast[1][name], ref[1][name], rtol=rtol, atol=atol, msg=name)
+    torch.testing.assert_close(fast[2], ref[2], rtol=rtol, atol=atol)
+
+
+def weight_cases():
+    for version, values in NONZERO.items():
+        for on in itertools.product((False, True), repeat=len(values)):
+            if any(on):
+                yield version, tuple(v if o else 0 for v, o in zip(values, on))
+
+
+@pytest.mark.parametrize("normalize", ["iseparate", "active"])
+@pytest.mark.parametrize("with_teacher", [True, False])
+@pytest.mark.parametrize("version,weights", list(weight_cases()))
+def test_every_weight_combination_matches_reference(version, weights, with_teacher, normalize):
+    est, targets, teacher, pairing = make_inputs(seed=len(weights) * 17 + sum(w != 0 for w in weights))
+    kwargs = dict(version=version, weights=list(weights), teacher_targets=teacher if with_teacher else None,
+                  pairing=pairing, normalize=normalize)
+    # The teacher term (last in both versions) runs only with teacher targets.
+    if not (any(weights[:-1]) or (weights[-1] and with_teacher)):
+        with pytest.raises(ValueError, match="no term"):
+            nrt_kernels.noise_robust_loss(est, targets, impl=IMPL, **kwargs)
+        with pytest.raises(ValueError, match="no term"):
+            reference.noise_robust_loss(est, targets, **kwargs)
+        return
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_normalizations_differ_only_when_teacher_skipped():
+    est, targets, teacher, pairing = make_inputs(seed=5)
+    common = dict(version="v1", weights=[1, 2, 1], pairing=pairing, impl=IMPL)
+    iseparate = nrt_kernels.noise_robust_loss(est, targets, normalize="iseparate", **common)
+    active = nrt_kernels.noise_robust_loss(est, targets, normalize="active", **common)
+    torch.testing.assert_close(iseparate * 4, active * 3, rtol=1e-12, atol=0)
+    with_teacher = [nrt_kernels.noise_robust_loss(est, targets, teacher_targets=teacher, normalize=n, **common)
+                    for n in ("iseparate", "active")]
+    torch.testing.assert_close(with_teacher[0], with_teacher[1], rtol=0, atol=0)
+
+
+def test_float32_long_rows_default_pairing_draws_like_iseparate():
+    est, targets, teacher, _ = make_inputs(batch=2, trailing=(2, 3000), dtype=torch.float32, seed=7)
+    kwargs = dict(version="v1", weights=[1, 2, 1], teacher_targets=teacher)
+    torch.manual_seed(123)
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    after_fast = torch.rand(3)
+    torch.manual_seed(123)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    after_ref = torch.rand(3)
+    # One torch.randperm(S) from the global generator, as iSeparate draws it.
+    torch.manual_seed(123)
+    torch.randperm(4)
+    assert torch.equal(after_fast, after_ref) and torch.equal(after_fast, torch.rand(3))
+    rtol, atol = LOSS_TOLERANCE[torch.float32]
+    assert_same(fast, ref, rtol=rtol, atol=atol)
+
+
+def test_no_mixit_term_draws_no_pairing():
+    est, targets, teacher, _ = make_inputs(seed=8)
+    torch.manual_seed(5)
+    nrt_kernels.noise_robust_loss(est, targets, version="v2", weights=[1, 1, 0, 1], teacher_targets=teacher,
+                                  impl=IMPL)
+    drawn = torch.rand(2)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(2))
+
+
+def test_per_example_pairing_matches_reference():
+    est, targets, teacher, _ = make_inputs(batch=4, seed=9)
+    kwargs = dict(version="v2", weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing="per_example")
+    torch.manual_seed(3)
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    torch.manual_seed(3)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_explicit_pairing_shared_by_the_batch():
+    est, targets, teacher, _ = make_inputs(seed=10)
+    pairing = torch.tensor([3, 1, 0, 2])
+    kwargs = dict(version="v1", weights=[1, 2, 1], teacher_targets=teacher)
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, pairing=pairing, **kwargs)
+    rows = loss_terms_grad(reference.noise_robust_loss, est, targets, pairing=pairing.expand(3, 4), **kwargs)
+    assert_same(fast, rows, rtol=1e-12, atol=1e-13)
+    # The MixIT term is the core op against the two mixtures of the pairing.
+    mixtures = torch.stack([targets[:, [3, 1]].sum(1), targets[:, [0, 2]].sum(1)], dim=1)
+    torch.testing.assert_close(fast[1]["mixit"], reference.mixit_loss(est, mixtures), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sources", [2, 6, 8])
+def test_other_source_counts(sources):
+    # 8 sources: the MixIT search splits its 256 subsets over several programs (the "high" bits).
+    est, targets, teacher, pairing = make_inputs(batch=2, sources=sources, trailing=(33,), seed=sources)
+    kwargs = dict(version="v2", weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_source_weights_and_non_contiguous_inputs():
+    est, targets, teacher, pairing = make_inputs(trailing=(45, 2), seed=11)
+    est, targets, teacher = (t.transpose(2, 3) for t in (est, targets, teacher))
+    assert not est.is_contiguous()
+    kwargs = dict(version="v2", weights=[1, 0.5, 2, 1], teacher_targets=teacher, pairing=pairing,
+                  source_weights=[1.0, 2.0, 0.5, 0.5])
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_float64_gradcheck_through_the_fused_op():
+    est, targets, teacher, pairing = make_inputs(batch=2, trailing=(1, 6), seed=12)
+    est.requires_grad_(True)
+
+    def loss(est):
+        return nrt_kernels.noise_robust_loss(est, targets, version="v2", weights=[0.5, 0.5, 2, 0.5],
+                                             teacher_targets=teacher, pairing=pairing, impl=IMPL)
+
+    assert torch.autograd.gradcheck(loss, (est,), eps=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_against_float64_truth(dtype):
+    est, targets, teacher, pairing = make_inputs(batch=2, trailing=(2, 300), dtype=dtype, seed=13)
+    kwargs = dict(version="v1", weights=[1, 2, 1], teacher_targets=teacher, pairing=pairing)
+    fast, _, grad = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    lowp = reference.noise_robust_loss(est, targets, **kwargs)
+    truth = reference.noise_robust_loss(est.double(), targets.double(), **{**kwargs, "teacher_targets":
+                                                                          teacher.double()})
+    assert fast.dtype == torch.float32 and grad.dtype == dtype
+    assert_close_to_truth(fast, lowp, truth, dtype)
+
+
+def test_nan_in_teacher_targets_propagates():
+    est, targets, teacher, pairing = make_inputs(seed=14)
+    teacher[1, 2, 0, 5] = float("nan")
+    kwargs = dict(version="v1", weights=[1, 2, 1], teacher_targets=teacher, pairing=pairing)
+    for fn, extra in ((nrt_kernels.noise_robust_loss, {"impl": IMPL}), (reference.noise_robust_loss, {})):
+        loss, terms = fn(est, targets, return_terms=True, **kwargs, **extra)
+        assert torch.isnan(loss) and torch.isnan(terms["teacher"])
+        assert torch.isfinite(terms["l1"]) and torch.isfinite(terms["mixit"])
+
+
+def test_zero_weight_terms_do_not_read_their_inputs():
+    est, targets, teacher, pairing = make_inputs(seed=15)
+    poisoned = torch.full_like(teacher, float("nan"))
+    # Teacher weight 0: NaN teacher targets are never read.
+    loss = nrt_kernels.noise_robust_loss(est, targets, version="v1", weights=[1, 2, 0], teacher_targets=poisoned,
+                                         pairing=pairing, impl=IMPL)
+    assert torch.isfinite(loss)
+    # Only the teacher term: NaN noisy targets are never read.
+    est.requires_grad_(True)
+    loss = nrt_kernels.noise_robust_loss(est, poisoned, version="v2", weights=[0, 0, 0, 1], teacher_targets=teacher,
+                                         impl=IMPL)
+    (grad,) = torch.autograd.grad(loss, est)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, reference.source_l1(est, teacher), rtol=1e-12, atol=0)
+
+
+def test_inference_mode_teacher_targets_work_with_autograd():
+    est, targets, teacher, pairing = make_inputs(seed=16)
+    with torch.inference_mode():
+        teacher = teacher.clone()
+    assert teacher.is_inference()
+    kwargs = dict(version="v2", weights=[0, 1, 2, 1], teacher_targets=teacher, pairing=pairing)
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_targets_requiring_grad_take_the_reference_path():
+    est, targets, teacher, pairing = make_inputs(seed=17)
+    targets.requires_grad_(True)
+    loss = nrt_kernels.noise_robust_loss(est, targets, version="v1", weights=[1, 2, 0], pairing=pairing, impl=IMPL)
+    (grad,) = torch.autograd.grad(loss, targets)
+    targets_ref = targets.detach().clone().requires_grad_(True)
+    expected = reference.noise_robust_loss(est, targets_ref, version="v1", weights=[1, 2, 0], pairing=pairing)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, targets_ref)[0], rtol=0, atol=0)
+
+
+def test_module_and_auto_impl_on_cpu_avoid_the_interpreter(monkeypatch):
+    est, targets, teacher, pairing = make_inputs(seed=18)
+    criterion = nrt_kernels.NoiseRobustLoss(version="v2", impl="auto")
+    kwargs = dict(weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
+    # On the CPU, auto never runs the Triton kernels: break them and the call still works.
+    import nrt_kernels.ops.noise_robust_l1 as op_module
+    monkeypatch.setitem(op_module._BACKENDS, "triton", None)
+    loss, terms = criterion(est, targets, return_terms=True, **kwargs)
+    expected = reference.noise_robust_loss(est, targets, version="v2", **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-13)
+    assert set(terms) == {"l1", "consistency", "mixit", "teacher"}
+
+
+def test_custom_op_registration_passes_opcheck():
+    est, targets, teacher, pairing = make_inputs(batch=2, trailing=(20,), dtype=torch.float32, seed=19)
+    masks = torch.tensor([0b0011, 0b0101], dtype=torch.int32)
+    args = (est.requires_grad_(True), targets, teacher, masks, torch.empty(0), [1.0, 0.5, 2.0, 0.5], 4.0, "triton")
+    torch.library.opcheck(noise_robust_l1, args, test_utils=("test_schema", "test_faketensor",
+                                                             "test_autograd_registration"))
+    loss, terms, best = noise_robust_l1(*args)
+    assert loss.shape == () and terms.shape == (len(TERM_NAMES),) and best.dtype == torch.int64
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(est_shape=(2, 3, 2, 8)), "must be even"),
+    (dict(teacher_shape=(2, 4, 2, 7)), "teacher_targets must have the shape"),
+    (dict(targets_shape=(2, 4, 1, 8)), "targets must have the shape"),
+    (dict(weights=[1, 2]), "needs 3 weights"),
+    (dict(weights=[1, -1, 0]), ">= 0"),
+    (dict(pairing=torch.tensor([0, 1, 1, 2])), "permutation"),
+    (dict(pairing=torch.tensor([[0, 1, 2, 3]] * 3)), "shape"),
+    (dict(pairing="random"), "per_example"),
+    (dict(normalize="sum"), "normalize"),
+    (dict(version="v3"), "version"),
+])
+@pytest.mark.parametrize("impl", [IMPL, "reference"])
+def test_bad_inputs_raise_clear_errors(bad, match, impl):
+    est = torch.randn(bad.get("est_shape", (2, 4, 2, 8)))
+    targets = torch.randn(bad.get("targets_shape", est.shape))
+    teacher = torch.randn(bad.get("teacher_shape", est.shape))
+    kwargs = dict(version=bad.get("version", "v1"), weights=bad.get("weights", [1, 2, 1]), teacher_targets=teacher,
+                  pairing=bad.get("pairing"), normalize=bad.get("normalize", "iseparate"))
+    with pytest.raises(ValueError, match=match):
+        nrt_kernels.noise_robust_loss(est, targets, impl=impl, **kwargs)
