@@ -3,7 +3,7 @@
 //
 // Forward, stage 1 (parallel over (row, tile of D)): for every mixture n and every subset mask of
 // the M sources, E[n][mask] = sum_d |S_mask(d) - mix_n(d)| over the tile, where the subset sums are
-// built incrementally, S[mask] = S[mask & (mask - 1)] + est[lowest bit of mask].  A candidate's
+// built incrementally, S[mask] = S[mask without its highest bit] + est[highest bit].  A candidate's
 // error is a sum of N of these terms, so N * 2**M partials cover all N**M candidates and nothing of
 // size (candidates x D) is ever formed.  Stage 2 (per row) adds the tiles in a fixed order and keeps
 // the first minimum over candidates, NaN first (torch.min semantics).
@@ -86,7 +86,10 @@ void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_
   for (int64_t start = begin; start < end; start += chunk) {
     const int64_t count = std::min(chunk, end - start);
     const int64_t blocks = ceil_div(count, kLanes);
-    // Singletons are the sources themselves; every other subset adds its lowest source to a smaller one.
+    // Singletons are the sources themselves; every other subset adds its highest source to a smaller one, so
+    // S = ((x_a + x_b) + x_c) for a < b < c: the left-to-right order of the reference's sum over sources.
+    // Candidates that tie mathematically (common for short signals) then also tie after rounding, and the
+    // first one wins, as in the reference.
     for (int64_t s = 0; s < num_sources; ++s) {
       for (int64_t b = 0; b < blocks; ++b) {
         load_lanes(est_row + s * length + start + b * kLanes, std::min(kLanes, count - b * kLanes),
@@ -100,11 +103,15 @@ void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_
       }
     }
     const int64_t padded = blocks * kLanes;
+    int64_t highest = 1;
     for (int64_t mask = 3; mask < num_masks; ++mask) {
-      const int64_t rest = mask & (mask - 1);
-      if (rest == 0) continue;
+      if ((mask & (mask - 1)) == 0) {  // a singleton, already loaded
+        highest = mask;
+        continue;
+      }
+      const int64_t rest = mask ^ highest;
       const acc_t* __restrict__ prev = sums + rest * chunk;
-      const acc_t* __restrict__ x = sums + (mask ^ rest) * chunk;
+      const acc_t* __restrict__ x = sums + highest * chunk;
       acc_t* __restrict__ sum = sums + mask * chunk;
       for (int64_t l = 0; l < padded; ++l) sum[l] = prev[l] + x[l];
     }
