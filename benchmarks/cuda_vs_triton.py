@@ -7,7 +7,9 @@ For each shape (B, M sources, N mixtures, C channels, T samples; float32) it pri
 backend's forward launcher (partials + best-candidate kernels) and backward launcher alone, with GB/s over
 the minimal bytes: the forward reads est and mixtures once; the backward reads them again and writes the
 est gradient.  ``copy %`` compares with a device-to-device copy of the same number of bytes, and ``peak MiB``
-is the memory allocated beyond the inputs while the call runs.  The whole run takes well under a minute.
+is the memory allocated beyond the inputs while the call runs (the gradient included).  ``graph ms`` replays
+forward+backward from a CUDA graph: eager, an isolated loss is bound by the host's launch overhead.  The
+whole run takes well under a minute.
 """
 from __future__ import annotations
 
@@ -32,6 +34,24 @@ REFERENCE_MAX_CANDIDATES = 16
 
 def median_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    """Median replay time of ``fn`` captured in a CUDA graph (an isolated loss is launch-bound when eager)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # noqa: BLE001 - report and go on: a backend may not be capturable
+        print(f"graph capture failed: {type(error).__name__}: {error}")
+        return float("nan")
+    return median_ms(graph.replay)
 
 
 def peak_extra_mib(fn) -> float:
@@ -62,10 +82,10 @@ def run_shape(name, batch, sources, mixtures, channels, samples):
     copy_bw = copy_gbps(fwd_bytes + bwd_bytes)
     rows = []
 
-    def row(impl, what, ms, num_bytes, peak=float("nan")):
+    def row(impl, what, ms, num_bytes, peak=float("nan"), graph=float("nan")):
         gbps = num_bytes / ms / 1e6
         rows.append(dict(shape=name, impl=impl, what=what, ms=ms, gbps=gbps, copy_pct=100 * gbps / copy_bw,
-                         peak_mib=peak))
+                         graph_ms=graph, graph_gbps=num_bytes / graph / 1e6, peak_mib=peak))
 
     flat_est = est.detach().reshape(batch, sources, length)
     flat_mix = mix.reshape(batch, mixtures, length)
@@ -84,7 +104,8 @@ def run_shape(name, batch, sources, mixtures, channels, samples):
             loss = nrt_kernels.mixit_loss(est, mix, impl=impl)
             torch.autograd.grad(loss, est)
 
-        row(impl, "fwd+bwd", median_ms(step), fwd_bytes + bwd_bytes, peak_extra_mib(step))
+        row(impl, "fwd+bwd", median_ms(step), fwd_bytes + bwd_bytes, peak_extra_mib(step),
+            graph_ms(step) if impl != "reference" else float("nan"))
         if impl == "reference":
             continue
         forward, backward = op._BACKENDS[impl]
@@ -118,10 +139,11 @@ def main():
         batch, sources, mixtures, channels, samples = shape
         print(f"\n{name}: B={batch} M={sources} N={mixtures} C={channels} T={samples} float32; "
               f"device copy {copy_bw:.0f} GB/s")
-        print(f"{'impl':<10} {'what':<9} {'ms':>8} {'GB/s':>7} {'copy %':>7} {'peak MiB':>9}")
+        print(f"{'impl':<10} {'what':<9} {'ms':>8} {'GB/s':>7} {'copy %':>7} {'graph ms':>9} {'graph GB/s':>10} "
+              f"{'peak MiB':>9}")
         for r in rows:
             print(f"{r['impl']:<10} {r['what']:<9} {r['ms']:8.3f} {r['gbps']:7.0f} {r['copy_pct']:7.1f} "
-                  f"{r['peak_mib']:9.1f}")
+                  f"{r['graph_ms']:9.3f} {r['graph_gbps']:10.0f} {r['peak_mib']:9.1f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(all_rows, handle, indent=1)

@@ -11,14 +11,15 @@ Nothing here runs at ``import nrt_kernels``: :func:`ensure_registered` is called
 1. ``$NRT_CUDA_LIB``, the path of a prebuilt library;
 2. ``nrt_kernels/libnrt_kernels_cuda.so``, built next to the package by ``setup.py``;
 3. a just-in-time ``nvcc`` build, cached in ``$NRT_KERNELS_BUILD_DIR``, ``$TORCH_EXTENSIONS_DIR`` or
-   ``~/.cache/nrt_kernels`` under a name that hashes the source and the flags (about a minute on two
-   cores, once).
+   ``~/.cache/nrt_kernels`` under a name that hashes the source and the flags (once; 94 kernel instances
+   take a few minutes on two cores, well under a minute on sixteen).
 
 ``python -m nrt_kernels._cuda_lib --build OUTDIR`` builds the library into ``OUTDIR``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -218,6 +219,26 @@ def _check_inputs(est: torch.Tensor, mixtures: torch.Tensor) -> int:
     return _DTYPE_CODES[est.dtype]
 
 
+def _on_device(device: torch.device):
+    # The launchers use the calling thread's current device: switch only when it differs (the guard
+    # costs more than a launch).
+    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
+
+
+_workspace_floats: dict = {}
+
+
+def _forward_workspace(lib, device, sizes) -> int:
+    """Scratch floats of the forward for these sizes on this device (the plan depends on the device only)."""
+    key = (device.index, *sizes)
+    floats = _workspace_floats.get(key)
+    if floats is None:
+        out = _i64(0)
+        _check(lib, lib.nrt_mixit_l1_forward_workspace(*sizes, ctypes.byref(out)), "forward planning")
+        floats = _workspace_floats[key] = out.value
+    return floats
+
+
 def cuda_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
     from .assignments import candidate_masks, num_candidates
 
@@ -227,16 +248,14 @@ def cuda_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
     batch, num_sources, length = est.shape
     num_mixtures = mixtures.shape[1]
     device = est.device
-    with torch.cuda.device(device):
-        workspace_floats = _i64(0)
-        _check(lib, lib.nrt_mixit_l1_forward_workspace(batch, num_sources, num_mixtures, length, dtype,
-                                                       ctypes.byref(workspace_floats)), "forward planning")
-        workspace = torch.empty(workspace_floats.value, dtype=torch.float32, device=device)
+    with _on_device(device):
+        workspace_floats = _forward_workspace(lib, device, (batch, num_sources, num_mixtures, length, dtype))
+        workspace = torch.empty(workspace_floats, dtype=torch.float32, device=device)
         masks = candidate_masks(num_sources, num_mixtures, partitions, device)
         row_loss = torch.empty(batch, dtype=torch.float32, device=device)
         best = torch.empty(batch, dtype=torch.int64, device=device)
         code = lib.nrt_mixit_l1_forward(
-            est.data_ptr(), mixtures.data_ptr(), masks.data_ptr(), workspace.data_ptr(), workspace_floats.value,
+            est.data_ptr(), mixtures.data_ptr(), masks.data_ptr(), workspace.data_ptr(), workspace_floats,
             row_loss.data_ptr(), best.data_ptr(), batch, num_sources, num_mixtures, length,
             num_candidates(num_sources, num_mixtures, partitions), dtype, torch.cuda.current_stream(device).cuda_stream)
         _check(lib, code, "forward")
@@ -252,7 +271,7 @@ def cuda_backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad
     batch, num_sources, length = est.shape
     num_mixtures = mixtures.shape[1]
     device = est.device
-    with torch.cuda.device(device):
+    with _on_device(device):
         grad_rows = grad_rows.to(device=device, dtype=torch.float32).contiguous()
         best = best.to(device=device, dtype=torch.int64).contiguous()
         grad_est = torch.empty_like(est)
