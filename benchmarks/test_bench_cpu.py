@@ -109,7 +109,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds; each runs every impl once")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every impl")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     inputs = make_inputs()
     steps = {"cpu extension": forward_backward(cpu_loss), "pytorch loop": forward_backward(loop_loss)}
     if not args.no_compile:
