@@ -110,7 +110,9 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
                                            source_weights=source_weights, return_terms=return_terms)
     divisor = reference.loss_divisor(version, weights, active, normalize)
     batch, num_sources = est.shape[:2]
-    rows = reference.pairing_rows(pairing, batch, num_sources, est.device) if "mixit" in active else None
+    # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
+    rows_device = pairing.device if isinstance(pairing, torch.Tensor) else torch.device("cpu")
+    rows = reference.pairing_rows(pairing, batch, num_sources, rows_device) if "mixit" in active else None
     if backend != "triton":
         terms = reference.noise_robust_terms(
             est, targets, teacher_targets, active, rows, source_weights=source_weights,
@@ -130,6 +132,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     else:
         first_half = rows[:, : num_sources // 2]
         pair_masks = torch.bitwise_left_shift(torch.ones_like(first_half), first_half).sum(1).to(torch.int32)
+        pair_masks = pair_masks.to(est.device, non_blocking=True)
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if source_weights is None:
         flat_source_weights = torch.empty(0, dtype=acc_dtype, device=est.device)

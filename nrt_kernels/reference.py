@@ -107,6 +107,7 @@ def noisy_mixtures(targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(B, 2, *): row ``b`` sums the noisy stems ``rows[b, :S/2]`` into mixture 0 and the rest into mixture 1."""
     half = targets.shape[1] // 2
     index = torch.arange(targets.shape[0], device=targets.device)[:, None]
+    rows = rows.to(targets.device)
     return torch.stack([targets[index, rows[:, :half]].sum(1), targets[index, rows[:, half:]].sum(1)], dim=1)
 
 

@@ -258,3 +258,14 @@ def test_bad_inputs_raise_clear_errors(bad, match, impl):
                   pairing=bad.get("pairing"), normalize=bad.get("normalize", "iseparate"))
     with pytest.raises(ValueError, match=match):
         nrt_kernels.noise_robust_loss(est, targets, impl=impl, **kwargs)
+
+
+def test_cpu_backend_composes_the_mixit_op_with_pytorch_terms():
+    from nrt_kernels import _native
+    if not _native.cpu_extension_available():
+        pytest.skip("the CPU extension is not available in this build")
+    est, targets, teacher, pairing = make_inputs(seed=20)
+    kwargs = dict(version="v2", weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl="cpu", **kwargs)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)

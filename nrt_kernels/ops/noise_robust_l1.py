@@ -359,18 +359,24 @@ def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, d
     return loss, terms, best
 
 
+# One program per (row, tile): it re-reads every source tile of est, targets and teacher targets once.
+BACKWARD_BLOCK_D = 1024
+BACKWARD_WARPS = 4
+
+
 def triton_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor):
     _check_runnable(est)
     batch, num_sources, length = est.shape
     flags = _flags(weights, teacher, source_weights)
     grad_est = torch.empty_like(est)
-    block_d = 1024
+    block_d = BACKWARD_BLOCK_D
     _noise_robust_backward_kernel[(triton.cdiv(length, block_d), batch)](
         grad_loss, est, targets, teacher if flags["USE_TEACHER"] else est, pair_masks,
         source_weights if flags["SOURCE_WEIGHTED"] else est,
         candidate_masks(num_sources, NUM_MIXTURES, "generalized", est.device), best, grad_est,
         length, batch, *[float(w) for w in weights], float(divisor),
-        NUM_SOURCES=num_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), num_warps=4, **flags,
+        NUM_SOURCES=num_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), num_warps=BACKWARD_WARPS,
+        **flags,
     )
     return grad_est
 
