@@ -24,9 +24,9 @@
 namespace nrt_kernels {
 namespace {
 
-// Consecutive elements of D processed together in fixed-size local arrays, so that every inner loop
-// has a compile-time trip count the compiler turns into SIMD without -march (16 floats: one cache
-// line, 4 SSE / 2 AVX vectors).
+// Every (mixture, subset) pair sums into kLanes accumulators, lane l taking the elements d = l mod kLanes:
+// a fixed-size local array that the compiler keeps in SIMD registers without -march (16 floats: 4 SSE or
+// 2 AVX vectors).  Inputs are loaded in blocks of kLanes, zero-padded at the end of D.
 constexpr int64_t kLanes = 16;
 // Elements of D per forward work item.  It is a constant, not derived from the thread count, so the
 // partials and hence every result are bitwise identical whatever the number of threads.  4096 keeps
