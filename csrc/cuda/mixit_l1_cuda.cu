@@ -129,6 +129,7 @@ __device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t e, int64_
 }
 
 __host__ __device__ constexpr int lowest_bit(int mask) { return (mask & 1) ? 0 : 1 + lowest_bit(mask >> 1); }
+__host__ __device__ constexpr int highest_bit(int mask) { return mask > 1 ? 1 + highest_bit(mask >> 1) : 0; }
 
 // ------------------------------------------------------------------------------------------------
 // Kernel 1: per (row, chunk, mixture block, high bits) partial errors of every subset
@@ -253,11 +254,14 @@ __global__ void __launch_bounds__(kThreads) subset_l1_partials_kernel(
     }
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      // sums[g] = base + the low sources in g, built from g minus its lowest source: one add each.
+      // sums[g] = base + the low sources in g, built from g minus its highest source: one add each, and
+      // the sources are added in ascending order like the reference's sum (and the backward's).
       float sums[G];
       sums[0] = base[i];
 #pragma unroll
-      for (int g = 1; g < G; ++g) sums[g] = sums[g & (g - 1)] + element(low[lowest_bit(g)], i, T{});
+      for (int g = 1; g < G; ++g) {
+        sums[g] = sums[g ^ (1 << highest_bit(g))] + element(low[highest_bit(g)], i, T{});
+      }
 #pragma unroll
       for (int n = 0; n < NB; ++n) {
         const float m = element(mixture[n], i, T{});
