@@ -9,7 +9,8 @@ Nothing here runs at ``import nrt_kernels``: :func:`ensure_registered` is called
 ``impl="cuda"`` is resolved.  The library is taken from, in order:
 
 1. ``$NRT_CUDA_LIB``, the path of a prebuilt library;
-2. ``nrt_kernels/libnrt_kernels_cuda.so``, built next to the package by ``setup.py``;
+2. ``nrt_kernels/libnrt_kernels_cuda.so``, built next to the package by ``setup.py`` (skipped when the
+   ``.cu`` of a source checkout is newer);
 3. a just-in-time ``nvcc`` build, cached in ``$NRT_KERNELS_BUILD_DIR``, ``$TORCH_EXTENSIONS_DIR`` or
    ``~/.cache/nrt_kernels`` under a name that hashes the source and the flags (once; 94 kernel instances
    take a few minutes on two cores, well under a minute on sixteen).
@@ -123,6 +124,13 @@ def _cached_name() -> str:
     return f"libnrt_kernels_cuda-{digest.hexdigest()[:16]}.so"
 
 
+def _source_newer_than(library: Path) -> bool:
+    try:
+        return source_path().stat().st_mtime > library.stat().st_mtime
+    except CudaLibraryError:
+        return False  # no source installed: the packaged library is all there is
+
+
 def _candidate_paths():
     """(path, where it came from) in lookup order; the JIT entry is built on demand."""
     env = os.environ.get(ENV_LIBRARY)
@@ -130,7 +138,8 @@ def _candidate_paths():
         yield Path(env), f"${ENV_LIBRARY}"
         return  # an explicit library is the only one tried: a wrong path must not silently fall back
     packaged = _PACKAGE_DIR / LIBRARY_NAME
-    if packaged.exists():
+    # In a checkout whose .cu was edited after the build, the packaged library is stale: rebuild instead.
+    if packaged.exists() and not _source_newer_than(packaged):
         yield packaged, "the package directory"
     yield None, "a just-in-time build"
 

@@ -237,3 +237,9 @@ def test_build_exports_the_launchers(tmp_path):
     assert set(_cuda_lib.EXPORTED_SYMBOLS) <= exported
     lib = _cuda_lib._open(path, "the test build")  # loads without a GPU; checks the ABI version
     assert lib.nrt_cuda_error_string(1) == b"invalid argument"
+
+
+def test_missing_nvcc_says_how(monkeypatch, tmp_path):
+    monkeypatch.setattr(_cuda_lib, "find_nvcc", lambda: None)
+    with pytest.raises(_cuda_lib.CudaLibraryError, match="nvcc was not found.*NRT_CUDA_LIB"):
+        _cuda_lib.build(tmp_path)
