@@ -117,7 +117,7 @@ def tune(shape):
     op.partials_config = original
     print("backward kernel (V1 fwd+bwd), (BLOCK_D, warps): ms", flush=True)
     block, warps0 = op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS
-    for block_d, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8)):
+    for block_d, warps in ((512, 16), (512, 8), (1024, 16), (1024, 4), (2048, 8)):
         op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block_d, warps
         ms, _ = measure(fn, est, targets, teacher)
         print(f"  ({block_d}, {warps}): {ms:.4f}", flush=True)

@@ -65,7 +65,9 @@ def _fused_operand(tensor: torch.Tensor, dtype: torch.dtype, batch: int, num_sou
     # The kernels read (B, S, D) row-major: a non-contiguous input costs one copy here.
     flat = tensor.to(dtype).reshape(batch, num_sources, -1).contiguous()
     # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
-    if flat.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+    # (torch.compile never sees inference tensors as graph inputs, and cannot trace the test.)
+    if (not torch.compiler.is_compiling() and flat.is_inference() and torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()):
         flat = flat.clone()
     return flat
 

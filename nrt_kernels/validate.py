@@ -111,8 +111,9 @@ def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
     if pairing.shape not in ((num_sources,), (batch, num_sources)):
         raise ValueError(f"pairing must have shape ({num_sources},) or ({batch}, {num_sources}), got "
                          f"{tuple(pairing.shape)}")
-    # Checking the values needs them on the host: done for CPU pairings only, never a GPU sync.
-    if pairing.device.type == "cpu":
+    # Checking the values needs them on the host: done for CPU pairings only (never a GPU sync) and not while
+    # torch.compile traces (a data-dependent branch).
+    if pairing.device.type == "cpu" and not torch.compiler.is_compiling():
         expected = torch.arange(num_sources).expand(pairing.shape)
         if not torch.equal(pairing.sort(dim=-1).values.to(torch.int64), expected):
             raise ValueError(f"pairing must be a permutation of 0..{num_sources - 1} (per row), got {pairing.tolist()}")

@@ -269,3 +269,25 @@ def test_cpu_backend_composes_the_mixit_op_with_pytorch_terms():
     fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl="cpu", **kwargs)
     ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
     assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_fullgraph_compile_traces_the_fused_op():
+    est, targets, teacher, pairing = make_inputs(seed=21)
+
+    def step(est, targets, teacher):
+        leaf = est.detach().requires_grad_(True)
+        loss = nrt_kernels.noise_robust_loss(leaf, targets, version="v1", weights=[1, 2, 1], teacher_targets=teacher,
+                                             pairing=pairing, impl=IMPL)
+        return loss, torch.autograd.grad(loss, leaf)[0]
+
+    def forward(est, targets, teacher):
+        return nrt_kernels.noise_robust_loss(est, targets, version="v1", weights=[1, 2, 1], teacher_targets=teacher,
+                                             pairing=pairing, impl=IMPL)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    leaf = est.detach().clone().requires_grad_(True)
+    loss = compiled(leaf, targets, teacher)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    expected_loss, expected_grad = step(est, targets, teacher)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
