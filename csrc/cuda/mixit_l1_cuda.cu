@@ -50,6 +50,10 @@ struct VecWidth {
   static constexpr int value = 16 / sizeof(T);
 };
 
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -59,50 +63,54 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-__device__ __forceinline__ unsigned bits_of(float x) { return __float_as_uint(x); }
-__device__ __forceinline__ unsigned bits_of(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-__device__ __forceinline__ unsigned bits_of(__half x) { return __half_as_ushort(x); }
-
-// Loads elements [e, e + V) of one row of length `length` as 16 raw bytes; elements past the end read
-// as 0, which adds exactly 0 to every |subset_sum - mix| term.  `aligned` (every row 16-byte aligned)
-// is uniform over the grid, so only the row's last vector ever takes the scalar path.  Keeping the
-// raw bytes (not floats) makes a prefetched vector cost 4 registers whatever the dtype.
-template <typename T>
-__device__ __forceinline__ uint4 load_raw(const T* __restrict__ row, int64_t e, int64_t length, bool aligned) {
-  constexpr int V = VecWidth<T>::value;
-  if (aligned && e + V <= length) return __ldg(reinterpret_cast<const uint4*>(row + e));
-  // Scalar path, assembled word by word (a local array here would be placed in local memory); zero
-  // bits are +0 in every dtype.
-  unsigned words[4];
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    if constexpr (V == 4) {
-      words[w] = e + w < length ? bits_of(row[e + w]) : 0u;
-    } else {
-      const unsigned lo = e + 2 * w < length ? bits_of(row[e + 2 * w]) : 0u;
-      const unsigned hi = e + 2 * w + 1 < length ? bits_of(row[e + 2 * w + 1]) : 0u;
-      words[w] = lo | (hi << 16);
-    }
-  }
-  return make_uint4(words[0], words[1], words[2], words[3]);
+// Unpacks one 16-byte word into float32 lanes.
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[4]) {
+  out[0] = __uint_as_float(raw.x);
+  out[1] = __uint_as_float(raw.y);
+  out[2] = __uint_as_float(raw.z);
+  out[3] = __uint_as_float(raw.w);
 }
 
-__device__ __forceinline__ unsigned word_of(const uint4& raw, int w) {
-  return w == 0 ? raw.x : w == 1 ? raw.y : w == 2 ? raw.z : raw.w;
-}
-
-// Element i of a raw vector as float32 (i is a compile-time constant after unrolling).
-__device__ __forceinline__ float element(const uint4& raw, int i, float) { return __uint_as_float(word_of(raw, i)); }
-
-__device__ __forceinline__ float element(const uint4& raw, int i, __nv_bfloat16) {
+__device__ __forceinline__ void unpack_pair(unsigned word, float& lo, float& hi, __nv_bfloat16) {
   // bfloat16 is the upper half of a float32: widening is a shift, exact.
-  const unsigned word = word_of(raw, i >> 1);
-  return __uint_as_float((i & 1) ? (word & 0xffff0000u) : (word << 16));
+  lo = __uint_as_float(word << 16);
+  hi = __uint_as_float(word & 0xffff0000u);
 }
 
-__device__ __forceinline__ float element(const uint4& raw, int i, __half) {
-  const unsigned word = word_of(raw, i >> 1);
-  return __half2float(__ushort_as_half(static_cast<unsigned short>((i & 1) ? (word >> 16) : (word & 0xffffu))));
+__device__ __forceinline__ void unpack_pair(unsigned word, float& lo, float& hi, __half) {
+  __half2 pair;
+  memcpy(&pair, &word, sizeof(word));
+  const float2 wide = __half22float2(pair);
+  lo = wide.x;
+  hi = wide.y;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[8]) {
+  unpack_pair(raw.x, out[0], out[1], T{});
+  unpack_pair(raw.y, out[2], out[3], T{});
+  unpack_pair(raw.z, out[4], out[5], T{});
+  unpack_pair(raw.w, out[6], out[7], T{});
+}
+
+// Loads elements [e, e + V) of one row of length `length`; elements past the end read as 0, which
+// adds exactly 0 to every |subset_sum - mix| term.  `aligned` (rows 16-byte aligned) is uniform over
+// the grid, so the branch never diverges.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ row, int64_t e, int64_t length, bool aligned,
+                                         float (&out)[VecWidth<T>::value]) {
+  constexpr int V = VecWidth<T>::value;
+  if (aligned && e + V <= length) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + e));
+    if constexpr (V == 4) {
+      unpack(raw, out);
+    } else {
+      unpack<T>(raw, out);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = e + i < length ? to_float(row[e + i]) : 0.0f;
+  }
 }
 
 template <typename T>
@@ -110,16 +118,12 @@ __device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t e, int64_
                                           const float (&values)[VecWidth<T>::value]) {
   constexpr int V = VecWidth<T>::value;
   if (aligned && e + V <= length) {
-    unsigned words[4];
+    T packed[V];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      if constexpr (V == 4) {
-        words[w] = __float_as_uint(values[w]);
-      } else {
-        words[w] = bits_of(from_float<T>(values[2 * w])) | (bits_of(from_float<T>(values[2 * w + 1])) << 16);
-      }
-    }
-    *reinterpret_cast<uint4*>(row + e) = make_uint4(words[0], words[1], words[2], words[3]);
+    for (int i = 0; i < V; ++i) packed[i] = from_float<T>(values[i]);
+    uint4 raw;
+    memcpy(&raw, packed, sizeof(raw));
+    *reinterpret_cast<uint4*>(row + e) = raw;
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -129,7 +133,6 @@ __device__ __forceinline__ void store_vec(T* __restrict__ row, int64_t e, int64_
 }
 
 __host__ __device__ constexpr int lowest_bit(int mask) { return (mask & 1) ? 0 : 1 + lowest_bit(mask >> 1); }
-__host__ __device__ constexpr int highest_bit(int mask) { return mask > 1 ? 1 + highest_bit(mask >> 1) : 0; }
 
 // ------------------------------------------------------------------------------------------------
 // Kernel 1: per (row, chunk, mixture block, high bits) partial errors of every subset
@@ -210,63 +213,44 @@ __global__ void __launch_bounds__(kThreads) subset_l1_partials_kernel(
     for (int g = 0; g < G; ++g) acc[n][g] = 0.0f;
   }
 
-  // Software pipelining: the next iteration's vectors are requested before this one's arithmetic, so
-  // every thread keeps two iterations of loads in flight.
-  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
-  uint4 low_next[LOW];
-  uint4 mix_next[NB];
-  auto request = [&](int64_t at) {
-    const bool inside = at < end;
+  for (int64_t e = begin + static_cast<int64_t>(threadIdx.x) * V; e < end; e += kThreads * V) {
+    // Every load of the iteration is issued before the first use.
+    float low[LOW][V];
+    float mixture[NB][V];
 #pragma unroll
-    for (int s = 0; s < LOW; ++s) {
-      low_next[s] = inside ? load_raw(est_row + s * length, at, length, aligned) : make_uint4(0, 0, 0, 0);
-    }
+    for (int s = 0; s < LOW; ++s) load_vec(est_row + s * length, e, length, aligned, low[s]);
 #pragma unroll
     for (int n = 0; n < NB; ++n) {
-      mix_next[n] = inside && first_mixture + n < num_mixtures ? load_raw(mix_row + n * length, at, length, aligned)
-                                                               : make_uint4(0, 0, 0, 0);
+      if (first_mixture + n < num_mixtures) {
+        load_vec(mix_row + n * length, e, length, aligned, mixture[n]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) mixture[n][i] = 0.0f;
+      }
     }
-  };
-  // The widest half-precision instances (64 accumulators plus unpacking) would spill with a second
-  // set of vectors; they are compute-bound enough to do without.
-  constexpr bool kPrefetch = !(sizeof(T) == 2 && NB * G >= 64);
-  if constexpr (kPrefetch) request(begin + static_cast<int64_t>(threadIdx.x) * V);
-  for (int64_t e = begin + static_cast<int64_t>(threadIdx.x) * V; e < end; e += kStep) {
-    if constexpr (!kPrefetch) request(e);
-    uint4 low[LOW];
-    uint4 mixture[NB];
-#pragma unroll
-    for (int s = 0; s < LOW; ++s) low[s] = low_next[s];
-#pragma unroll
-    for (int n = 0; n < NB; ++n) mixture[n] = mix_next[n];
-    if constexpr (kPrefetch) request(e + kStep);
-
     float base[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) base[i] = 0.0f;
     // Sources above LOW enter only as the block's fixed `high` subset: load just the chosen ones.
     for (int s = LOW; s < num_sources; ++s) {
       if ((high >> (s - LOW)) & 1) {
-        const uint4 x = load_raw(est_row + s * length, e, length, aligned);
+        float x[V];
+        load_vec(est_row + s * length, e, length, aligned, x);
 #pragma unroll
-        for (int i = 0; i < V; ++i) base[i] += element(x, i, T{});
+        for (int i = 0; i < V; ++i) base[i] += x[i];
       }
     }
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      // sums[g] = base + the low sources in g, built from g minus its highest source: one add each, and
-      // the sources are added in ascending order like the reference's sum (and the backward's).
+      // sums[g] = base + the low sources in g, built from g minus its lowest source: one add each.
       float sums[G];
       sums[0] = base[i];
 #pragma unroll
-      for (int g = 1; g < G; ++g) {
-        sums[g] = sums[g ^ (1 << highest_bit(g))] + element(low[highest_bit(g)], i, T{});
-      }
+      for (int g = 1; g < G; ++g) sums[g] = sums[g & (g - 1)] + low[lowest_bit(g)][i];
 #pragma unroll
       for (int n = 0; n < NB; ++n) {
-        const float m = element(mixture[n], i, T{});
 #pragma unroll
-        for (int g = 0; g < G; ++g) acc[n][g] += fabsf(sums[g] - m);
+        for (int g = 0; g < G; ++g) acc[n][g] += fabsf(sums[g] - mixture[n][i]);
       }
     }
   }
@@ -362,39 +346,15 @@ __global__ void __launch_bounds__(kThreads) select_best_kernel(
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// Vectors per thread in the backward: two keep more loads in flight when the sources fit in registers.
-template <typename T, int M>
-struct BackwardVectors {
-  static constexpr int value = sizeof(T) == 4 && M <= 4 ? 2 : 1;
-};
-
 template <typename T, int M>
 __global__ void __launch_bounds__(kThreads) mixit_l1_backward_kernel(
     const float* __restrict__ grad_rows, const T* __restrict__ est, const T* __restrict__ mix,
     const int* __restrict__ masks, const int64_t* __restrict__ best, T* __restrict__ grad_est,
     T* __restrict__ grad_mix, int num_mixtures, int64_t length, int blocks_per_row, float count, bool aligned) {
   constexpr int V = VecWidth<T>::value;
-  constexpr int K = BackwardVectors<T, M>::value;
-  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * V;
   __shared__ int source_mixture[M];
   const int64_t row = blockIdx.x / blocks_per_row;
-  const int64_t first_e = (static_cast<int64_t>(blockIdx.x % blocks_per_row) * kThreads * K + threadIdx.x) * V;
-  const T* mix_row = mix + row * num_mixtures * length;
-
-  // The inputs are requested first: they do not depend on the chosen candidate, so their latency
-  // overlaps the best -> masks lookup below.  Vectors past the row's end read as 0 and are not stored.
-  uint4 x[K][M];
-  uint4 mixture[K][kMaxMixtureBlock];
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-#pragma unroll
-    for (int s = 0; s < M; ++s) x[k][s] = load_raw(est + (row * M + s) * length, first_e + k * kStep, length, aligned);
-#pragma unroll
-    for (int j = 0; j < kMaxMixtureBlock; ++j) {
-      mixture[k][j] = j < num_mixtures ? load_raw(mix_row + j * length, first_e + k * kStep, length, aligned)
-                                       : make_uint4(0, 0, 0, 0);
-    }
-  }
+  const int64_t e = (static_cast<int64_t>(blockIdx.x % blocks_per_row) * kThreads + threadIdx.x) * V;
 
   const int64_t candidate = best[row];
   for (int n = threadIdx.x; n < num_mixtures; n += kThreads) {
@@ -405,49 +365,45 @@ __global__ void __launch_bounds__(kThreads) mixit_l1_backward_kernel(
     }
   }
   __syncthreads();
+  if (e >= length) return;
+
   const float scale = grad_rows[row] / count;
   int assigned[M];
+  float x[M][V];
 #pragma unroll
-  for (int s = 0; s < M; ++s) assigned[s] = source_mixture[s];
-
+  for (int s = 0; s < M; ++s) {
+    assigned[s] = source_mixture[s];
+    load_vec(est + (row * M + s) * length, e, length, aligned, x[s]);
+  }
+  const T* mix_row = mix + row * num_mixtures * length;
   for (int first = 0; first < num_mixtures; first += kMaxMixtureBlock) {
-    if (first > 0) {
+    float mixture[kMaxMixtureBlock][V];
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-#pragma unroll
-        for (int j = 0; j < kMaxMixtureBlock; ++j) {
-          if (first + j < num_mixtures) {
-            mixture[k][j] = load_raw(mix_row + (first + j) * length, first_e + k * kStep, length, aligned);
-          }
-        }
-      }
+    for (int j = 0; j < kMaxMixtureBlock; ++j) {
+      if (first + j < num_mixtures) load_vec(mix_row + (first + j) * length, e, length, aligned, mixture[j]);
     }
 #pragma unroll
     for (int j = 0; j < kMaxMixtureBlock; ++j) {
       const int n = first + j;
       if (n >= num_mixtures) break;
+      float sign[V];
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = first_e + k * kStep;
-        float grad[V];
+      for (int i = 0; i < V; ++i) {
+        float sum = 0.0f;
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          float sum = 0.0f;
+        for (int s = 0; s < M; ++s) sum += assigned[s] == n ? x[s][i] : 0.0f;
+        const float err = sum - mixture[j][i];
+        // sign(0) = sign(NaN) = 0, like autograd's abs backward.
+        sign[i] = scale * static_cast<float>((err > 0.0f) - (err < 0.0f));
+      }
 #pragma unroll
-          for (int s = 0; s < M; ++s) sum += assigned[s] == n ? element(x[k][s], i, T{}) : 0.0f;
-          const float err = sum - element(mixture[k][j], i, T{});
-          // sign(0) = sign(NaN) = 0, like autograd's abs backward.
-          grad[i] = scale * static_cast<float>((err > 0.0f) - (err < 0.0f));
-        }
+      for (int s = 0; s < M; ++s) {
+        if (assigned[s] == n) store_vec(grad_est + (row * M + s) * length, e, length, aligned, sign);
+      }
+      if (grad_mix != nullptr) {
 #pragma unroll
-        for (int s = 0; s < M; ++s) {
-          if (assigned[s] == n) store_vec(grad_est + (row * M + s) * length, e, length, aligned, grad);
-        }
-        if (grad_mix != nullptr) {
-#pragma unroll
-          for (int i = 0; i < V; ++i) grad[i] = -grad[i];
-          store_vec(grad_mix + (row * num_mixtures + n) * length, e, length, aligned, grad);
-        }
+        for (int i = 0; i < V; ++i) sign[i] = -sign[i];
+        store_vec(grad_mix + (row * num_mixtures + n) * length, e, length, aligned, sign);
       }
     }
   }
@@ -615,7 +571,7 @@ template <typename T, int M>
 cudaError_t launch_backward(const float* grad_rows, const void* est, const void* mix, const int* masks,
                             const int64_t* best, void* grad_est, void* grad_mix, int64_t B, int N, int64_t D,
                             bool aligned, cudaStream_t stream) {
-  const int64_t step = static_cast<int64_t>(kThreads) * VecWidth<T>::value * BackwardVectors<T, M>::value;
+  const int64_t step = static_cast<int64_t>(kThreads) * VecWidth<T>::value;
   const int64_t blocks_per_row = (D + step - 1) / step;
   const int64_t num_blocks = B * blocks_per_row;
   if (blocks_per_row > INT_MAX || num_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
