@@ -442,7 +442,9 @@ def environment(device: torch.device) -> dict:
         name = cpu_model()
     return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": triton_version, "nrt_kernels": nrt_kernels.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "python": platform.python_version(),
+            "load": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def cpu_model() -> str:
@@ -489,7 +491,7 @@ def format_table(rows: list[Row], show_graph: bool) -> str:
     return "\n".join(out)
 
 
-CSV_FIELDS = ["device", "device_name", "date", "torch", "triton", "dtype", "case", "loss", "sources", "partitions",
+CSV_FIELDS = ["device", "device_name", "threads", "load", "date", "torch", "triton", "dtype", "case", "loss", "sources", "partitions",
               "shape", "impl", "ms", "graph_ms", "speedup", "extra_bytes", "min_bytes", "gbps", "copy_gbps",
               "copy_fraction", "compile_s", "note"]
 
@@ -502,7 +504,8 @@ def write_csv(path: str, rows: list[Row], cases: dict[str, Case], env: dict, dty
         for row in rows:
             case = cases[row.case]
             writer.writerow({
-                "device": env["device"], "device_name": env["device_name"], "date": env["date"],
+                "device": env["device"], "device_name": env["device_name"], "threads": env["threads"],
+                "load": env["load"], "date": env["date"],
                 "torch": env["torch"], "triton": env["triton"], "dtype": str(dtype).replace("torch.", ""),
                 "case": row.case, "loss": case.loss, "sources": case.shape[1],
                 "partitions": case.partitions if case.loss == "mixit" else "",
@@ -601,6 +604,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None, help="CPU: timing budget per row, s (default 0.5)")
     parser.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench rep time per row, ms (default 100)")
     parser.add_argument("--no-graph", action="store_true", help="CUDA: skip the CUDA-graph replay timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: torch threads (default: torch's); 1 keeps timings steady when other processes "
+                             "share the cores, since a stalled thread holds up a whole parallel region")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     return args
@@ -613,6 +619,8 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     shape = parse_shape(args.shape, device)
     if args.compile_max_candidates is None:
@@ -657,7 +665,10 @@ def main(argv=None) -> int:
         print(f"  skipped {name}: {reason}")
     if device.type == "cpu" and hasattr(os, "getloadavg"):
         load = os.getloadavg()[0]
-        busy = " (other processes compete for the cores: expect noisy timings)" if load > 0.5 * os.cpu_count() else ""
+        busy = ""
+        if load > 0.5 * os.cpu_count():
+            busy = " (other processes compete for the cores: expect noisy timings"
+            busy += "; --threads 1 steadies them)" if torch.get_num_threads() > 1 else ")"
         print(f"load average: {load:.2f} on {os.cpu_count()} cores{busy}")
     copy_gbps = copy_bandwidth(device, quick=args.quick)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (median of large tensor copies, bytes read + written)")
