@@ -101,20 +101,17 @@ def check(shape_small=(3, 4, 2, 5000)) -> int:
 def tune(shape):
     est, targets, teacher = make_inputs(shape)
     pairing = torch.tensor(PAIRING)
-    original = op.partials_config
+    saved = (op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM)
     fn = loss_fn("triton", "v1", CASES["v1"], pairing)
-    print("partials kernel (V1 forward only), (elements/thread, warps, iterations per program): ms", flush=True)
-    for per_thread, warps, iters in itertools.product((1, 2), (4, 8), (8, 18, 48)):
-        def config(num_sources, length, batch, device, use_mixit, per_thread=per_thread, warps=warps, iters=iters):
-            block_d = 32 * warps * per_thread
-            return min(num_sources, 5), block_d, warps, block_d * iters
-        op.partials_config = config
+    print("partials kernel (V1 forward only), (elements/thread, warps, programs per SM): ms", flush=True)
+    for per_thread, warps, per_sm in itertools.product((1, 2), (4, 8), (8, 32, 64)):
+        op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM = warps, 48 * per_thread, per_sm
         try:
             ms = do_bench(lambda: fn(est, targets, teacher), warmup=5, rep=40, return_mode="median")
-            print(f"  ({per_thread}, {warps}, {iters}): {ms:.4f}", flush=True)
+            print(f"  ({per_thread}, {warps}, {per_sm}): {ms:.4f}", flush=True)
         except Exception as error:
-            print(f"  ({per_thread}, {warps}, {iters}): failed {error!r}")
-    op.partials_config = original
+            print(f"  ({per_thread}, {warps}, {per_sm}): failed {error!r}")
+    op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM = saved
     print("backward kernel (V1 fwd+bwd), (BLOCK_D, warps): ms", flush=True)
     block, warps0 = op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS
     for block_d, warps in ((512, 16), (512, 8), (1024, 16), (1024, 4), (2048, 8)):

@@ -288,24 +288,30 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: any count is correct, a few keep it quick
 
 
+# Tile settings of the partials kernel (benchmarks/noise_robust_gpu.py --tune times alternatives).
+# With the MixIT search, the subset sums and accumulators live in registers, 3 * 2**low values per element a
+# thread holds, beside the term accumulators: at 4 sources (48 values) one element per thread avoids spills
+# (the core op measured 2 elements per thread at 4 sources 2.5x slower on an H200).
+PARTIALS_WARPS = 4
+PARTIALS_MIXIT_VALUES_PER_THREAD = 48
+PARTIALS_ELEMENTWISE_PER_THREAD = 8
+# Programs per SM the launch aims at: several waves, each program looping long enough to amortise its final
+# cross-thread reductions, while the partials stay small (B * chunks * (2 * 2**S + 3) values).
+PARTIALS_PROGRAMS_PER_SM = 32
+
+
 def partials_config(num_sources: int, length: int, batch: int, device: torch.device, use_mixit: bool):
     """(low_sources, block_d, num_warps, chunk_len) of the partials kernel."""
-    num_warps = 4
     if use_mixit:
-        # The subset sums and MixIT accumulators live in registers, 3 * 2**low values per element a thread
-        # holds, beside the term accumulators: at 4 sources (48 values) one element per thread avoids spills.
         low_sources = min(num_sources, 5)
-        elements_per_thread = max(1, min(4, 48 // (3 << low_sources)))
+        elements_per_thread = max(1, min(4, PARTIALS_MIXIT_VALUES_PER_THREAD // (3 << low_sources)))
         highs = 1 << (num_sources - low_sources)
     else:
-        # Elementwise terms only: a handful of values per element, wide tiles.
-        low_sources, elements_per_thread, highs = 0, 8, 1
-    block_d = 32 * num_warps * elements_per_thread
-    # Enough programs for several waves on every SM, each looping long enough to amortise its final
-    # cross-thread reductions; the partials stay small (B * chunks * (2 * 2**S + 3) values).
+        low_sources, elements_per_thread, highs = 0, PARTIALS_ELEMENTWISE_PER_THREAD, 1
+    block_d = 32 * PARTIALS_WARPS * elements_per_thread
     blocks = triton.cdiv(length, block_d)
-    iters = max(1, min(256, (blocks * batch * highs) // (32 * _num_sms(device))))
-    return low_sources, block_d, num_warps, block_d * iters
+    iters = max(1, min(256, (blocks * batch * highs) // (PARTIALS_PROGRAMS_PER_SM * _num_sms(device))))
+    return low_sources, block_d, PARTIALS_WARPS, block_d * iters
 
 
 def _select_best(mix_partials, row_loss, best, num_sources, num_chunks, length, acc_dtype) -> None:
