@@ -39,6 +39,16 @@ constexpr int64_t kBackwardChunk = 512;
 // nrt_kernels.assignments.MAX_SOURCES: the subset table has 2**M entries.
 constexpr int64_t kMaxSources = 12;
 
+// Runtime ISA dispatch (function multiversioning through an ifunc resolver): the two hot functions are
+// compiled for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has, so the module
+// needs no -march and still runs on any x86-64.  Every clone performs the same IEEE additions in the same
+// order (no multiply feeds an add, so no FMA can form), hence results are bitwise identical across CPUs.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NRT_ISA_CLONES
+#endif
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Loads `count` (<= kLanes) elements converted to the accumulation type, zero-padded: padded lanes
@@ -73,7 +83,7 @@ int64_t forward_chunk(int64_t num_masks) {
 // Stage 1 for one (row, tile): partial[n * 2**M + mask] = sum over [begin, end) of |S_mask - mix_n|.
 // `workspace` holds (2**M + N) * chunk + N * 2**M * kLanes accumulators.
 template <typename scalar_t, typename acc_t>
-void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources,
+NRT_ISA_CLONES void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources,
                         int64_t num_mixtures, int64_t length, int64_t begin, int64_t end, int64_t chunk,
                         acc_t* workspace, acc_t* partial) {
   const int64_t num_masks = int64_t(1) << num_sources;
@@ -196,6 +206,48 @@ void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::T
   });
 }
 
+// Backward for one row over [begin, end): grad = scale * sign(err of the source's mixture), chunk by chunk.
+// `grad` is a [num_mixtures][kBackwardChunk] workspace; grad_mix_row may be null.
+template <typename scalar_t, typename acc_t>
+NRT_ISA_CLONES void sign_gradients(const scalar_t* est_row, const scalar_t* mix_row, const int64_t* owner,
+                                   int64_t num_sources, int64_t num_mixtures, int64_t length, int64_t begin,
+                                   int64_t end, acc_t scale, acc_t* grad, scalar_t* grad_est_row,
+                                   scalar_t* grad_mix_row) {
+  // Plain loops over a chunk with a runtime trip count: each one vectorises (with the dtype conversion).
+  for (int64_t start = begin; start < end; start += kBackwardChunk) {
+    const int64_t size = std::min(kBackwardChunk, end - start);
+    // err_n = (sum of the sources assigned to n, in increasing source order) - mix_n.
+    std::fill(grad, grad + num_mixtures * kBackwardChunk, acc_t(0));
+    for (int64_t s = 0; s < num_sources; ++s) {
+      const scalar_t* __restrict__ x = est_row + s * length + start;
+      acc_t* __restrict__ err = grad + owner[s] * kBackwardChunk;
+      for (int64_t l = 0; l < size; ++l) err[l] += static_cast<acc_t>(x[l]);
+    }
+    for (int64_t n = 0; n < num_mixtures; ++n) {
+      const scalar_t* __restrict__ m = mix_row + n * length + start;
+      acc_t* __restrict__ g = grad + n * kBackwardChunk;
+      for (int64_t l = 0; l < size; ++l) {
+        const acc_t err = g[l] - static_cast<acc_t>(m[l]);
+        // sign(0) = sign(NaN) = 0, like autograd's abs backward.
+        const acc_t sign = static_cast<acc_t>(err > acc_t(0)) - static_cast<acc_t>(err < acc_t(0));
+        g[l] = scale * sign;
+      }
+    }
+    for (int64_t s = 0; s < num_sources; ++s) {
+      const acc_t* __restrict__ g = grad + owner[s] * kBackwardChunk;
+      scalar_t* __restrict__ out = grad_est_row + s * length + start;
+      for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(g[l]);
+    }
+    if (grad_mix_row != nullptr) {
+      for (int64_t n = 0; n < num_mixtures; ++n) {
+        const acc_t* __restrict__ g = grad + n * kBackwardChunk;
+        scalar_t* __restrict__ out = grad_mix_row + n * length + start;
+        for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(-g[l]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_rows, const at::Tensor& est, const at::Tensor& mixtures,
                    const at::Tensor& best, const at::Tensor& masks, at::Tensor& grad_est, at::Tensor* grad_mix) {
@@ -226,42 +278,11 @@ void backward_impl(const at::Tensor& grad_rows, const at::Tensor& est, const at:
       }
       // grad_rows / (N * D) first, like autograd's mean backward, then times the sign.
       const acc_t scale = grad_data[row] / count;
-      const scalar_t* est_row = est_data + row * num_sources * length;
-      const scalar_t* mix_row = mix_data + row * num_mixtures * length;
-      const int64_t end = std::min(length, (tile + 1) * kBackwardTile);
-      // Plain loops over a chunk with a runtime trip count: each one vectorises (with the dtype conversion).
-      for (int64_t start = tile * kBackwardTile; start < end; start += kBackwardChunk) {
-        const int64_t size = std::min(kBackwardChunk, end - start);
-        // err_n = (sum of the sources assigned to n, in increasing source order) - mix_n.
-        std::fill(grad, grad + num_mixtures * kBackwardChunk, acc_t(0));
-        for (int64_t s = 0; s < num_sources; ++s) {
-          const scalar_t* __restrict__ x = est_row + s * length + start;
-          acc_t* __restrict__ err = grad + owner[s] * kBackwardChunk;
-          for (int64_t l = 0; l < size; ++l) err[l] += static_cast<acc_t>(x[l]);
-        }
-        for (int64_t n = 0; n < num_mixtures; ++n) {
-          const scalar_t* __restrict__ m = mix_row + n * length + start;
-          acc_t* __restrict__ g = grad + n * kBackwardChunk;
-          for (int64_t l = 0; l < size; ++l) {
-            const acc_t err = g[l] - static_cast<acc_t>(m[l]);
-            // sign(0) = sign(NaN) = 0, like autograd's abs backward.
-            const acc_t sign = static_cast<acc_t>(err > acc_t(0)) - static_cast<acc_t>(err < acc_t(0));
-            g[l] = scale * sign;
-          }
-        }
-        for (int64_t s = 0; s < num_sources; ++s) {
-          const acc_t* __restrict__ g = grad + owner[s] * kBackwardChunk;
-          scalar_t* __restrict__ out = grad_est_data + (row * num_sources + s) * length + start;
-          for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(g[l]);
-        }
-        if (grad_mix_data != nullptr) {
-          for (int64_t n = 0; n < num_mixtures; ++n) {
-            const acc_t* __restrict__ g = grad + n * kBackwardChunk;
-            scalar_t* __restrict__ out = grad_mix_data + (row * num_mixtures + n) * length + start;
-            for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(-g[l]);
-          }
-        }
-      }
+      sign_gradients<scalar_t, acc_t>(est_data + row * num_sources * length, mix_data + row * num_mixtures * length,
+                                      owner, num_sources, num_mixtures, length, tile * kBackwardTile,
+                                      std::min(length, (tile + 1) * kBackwardTile), scale, grad,
+                                      grad_est_data + row * num_sources * length,
+                                      grad_mix_data != nullptr ? grad_mix_data + row * num_mixtures * length : nullptr);
     }
   });
 }
