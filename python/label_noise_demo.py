@@ -343,7 +343,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "label_noise_demo"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer steps and examples (< 1 minute)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 1500, quick 120)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 1500, quick 80)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=4096, help="samples per example at 8 kHz (default 4096)")
     parser.add_argument("--train-examples", type=int, default=None, help="default 2048, quick 256")
@@ -364,7 +364,7 @@ def parse_args(argv=None):
                              "pool stalls when other processes share the cores)")
     args = parser.parse_args(argv)
     if args.steps is None:
-        args.steps = 120 if args.quick else 1500
+        args.steps = 80 if args.quick else 1500
     if args.train_examples is None:
         args.train_examples = 256 if args.quick else 2048
     if args.test_examples is None:
