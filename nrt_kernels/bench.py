@@ -415,7 +415,7 @@ def measure(case: Case, impl: str, device: torch.device, dtype: torch.dtype, arg
     row.gbps = row.min_bytes / (best_ms * 1e-3) / 1e9
     row.copy_fraction = row.gbps / copy_gbps
     if impl == COMPILED and not row.note:
-        row.note = f"compiled in {row.compile_s:.1f} s"
+        row.note = f"first call (compile) {row.compile_s:.1f} s"
     return row
 
 
@@ -605,8 +605,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench rep time per row, ms (default 100)")
     parser.add_argument("--no-graph", action="store_true", help="CUDA: skip the CUDA-graph replay timing")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU: torch threads (default: torch's); 1 keeps timings steady when other processes "
-                             "share the cores, since a stalled thread holds up a whole parallel region")
+                        help="CPU: torch threads (default: torch's, or 1 when the load average shows other "
+                             "processes on the cores, since a stalled thread holds up a whole parallel region)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     return args
@@ -619,8 +619,17 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    load_note = ""
+    busy = device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
     if args.threads:
         torch.set_num_threads(args.threads)
+        if busy and args.threads > 1:
+            load_note = ": other processes compete for the cores, expect noisy timings (--threads 1 steadies them)"
+    elif busy and torch.get_num_threads() > 1:
+        # Other processes hold the cores: a parallel region waits for its slowest thread, so multi-threaded
+        # timings swing by 10-100x; one thread gives steady numbers.
+        torch.set_num_threads(1)
+        load_note = ": other processes compete for the cores, so this run times 1 thread (--threads N to override)"
     dtype = getattr(torch, args.dtype)
     shape = parse_shape(args.shape, device)
     if args.compile_max_candidates is None:
@@ -652,7 +661,7 @@ def main(argv=None) -> int:
     env = environment(device)
     os.makedirs(args.out, exist_ok=True)
     print(f"nrt_kernels {env['nrt_kernels']} benchmark report, {env['date']}")
-    threads = f", {env['threads']} threads" if device.type == "cpu" else ""
+    threads = f", {env['threads']} thread{'s' if env['threads'] != 1 else ''}" if device.type == "cpu" else ""
     print(f"device: {device} ({env['device_name']}{threads}); torch {env['torch']}, triton {env['triton']}, "
           f"python {env['python']}")
     batch, stems, channels, length = shape
@@ -664,12 +673,7 @@ def main(argv=None) -> int:
     for name, reason in skipped.items():
         print(f"  skipped {name}: {reason}")
     if device.type == "cpu" and hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
-        busy = ""
-        if load > 0.5 * os.cpu_count():
-            busy = " (other processes compete for the cores: expect noisy timings"
-            busy += "; --threads 1 steadies them)" if torch.get_num_threads() > 1 else ")"
-        print(f"load average: {load:.2f} on {os.cpu_count()} cores{busy}")
+        print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores{load_note}")
     copy_gbps = copy_bandwidth(device, quick=args.quick)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (median of large tensor copies, bytes read + written)")
 
