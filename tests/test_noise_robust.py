@@ -291,3 +291,47 @@ def test_fullgraph_compile_traces_the_fused_op():
     expected_loss, expected_grad = step(est, targets, teacher)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+# Every kernel variant the calls below launch, compiled for sm_90 with the installed Triton (no GPU needed):
+# tests/compile_check.py's launch-to-compile hook, driven over the configurations the interpreter tests run.
+COMPILE_SCRIPT = r"""
+import sys
+import torch
+import compile_check
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+compile_check.TARGET = GPUTarget("cuda", 90, 32)
+JITFunction.__getitem__ = compile_check._compile_only
+import nrt_kernels
+from nrt_kernels import dispatch
+from nrt_kernels.ops import mixit_l1, noise_robust_l1
+dispatch.triton_interpreted = lambda: True
+mixit_l1._check_runnable = noise_robust_l1._check_runnable = lambda tensor: None
+cases = [("v1", [1, 2, 1], torch.float64, 4, None), ("v2", [0, 0, 0, 1], torch.float32, 4, None),
+         ("v2", [0, 1, 0, 0], torch.float16, 4, None), ("v2", [1, 0.5, 2, 1], torch.float32, 4, [1, 2, 1, 1]),
+         ("v2", [0.5, 0.5, 2, 0.5], torch.float32, 8, None), ("v1", [1, 2, 1], torch.float32, 2, None)]
+for version, weights, dtype, sources, source_weights in cases:
+    est = torch.randn(2, sources, 1, 300).to(dtype).requires_grad_(True)
+    targets, teacher = torch.randn(2, sources, 1, 300).to(dtype), torch.randn(2, sources, 1, 300).to(dtype)
+    loss = nrt_kernels.noise_robust_loss(est, targets, version=version, weights=weights, teacher_targets=teacher,
+                                         pairing=torch.arange(sources), source_weights=source_weights, impl="triton")
+    loss.backward()
+print(f"{len(compile_check.compiled)} kernels compiled, {len(compile_check.failures)} failed")
+sys.exit(1 if compile_check.failures else 0)
+"""
+
+
+def test_kernel_variants_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    if not (tests / "compile_check.py").exists():
+        pytest.skip("tests/compile_check.py (the launch-to-compile hook) is not in this checkout")
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=f"{tests.parent}{os.pathsep}{tests}")
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0 and " 0 failed" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]

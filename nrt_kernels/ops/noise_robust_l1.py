@@ -34,6 +34,7 @@ from .mixit_l1 import _check_runnable, _select_best_kernel, row_loss_dtype
 # Term order of the fused op's ``weights`` and ``terms``: a V1 call leaves "consistency" at 0.
 TERM_NAMES = ("l1", "consistency", "mixit", "teacher")
 NUM_MIXTURES = 2
+MIXTURES = tl.constexpr(NUM_MIXTURES)  # the kernels' copy: globals read inside @triton.jit must be constexprs
 
 _BACKENDS: dict[str, tuple[Callable, Callable]] = {}
 
@@ -85,13 +86,13 @@ def _noise_robust_partials_kernel(
     NEED_Y: tl.constexpr = USE_L1 or USE_CONSISTENCY or USE_MIXIT
 
     low_masks = tl.arange(0, NUM_LOW_MASKS)
-    mix_rows = tl.arange(0, NUM_MIXTURES)
+    mix_rows = tl.arange(0, MIXTURES)
     offsets = tl.arange(0, BLOCK_D)
     row_offset = row.to(tl.int64) * NUM_SOURCES * D
     if USE_MIXIT:
         pair = tl.load(pair_ptr + row)
 
-    acc_mix = tl.zeros((NUM_MIXTURES, NUM_LOW_MASKS, BLOCK_D), ACC_DTYPE)
+    acc_mix = tl.zeros((MIXTURES, NUM_LOW_MASKS, BLOCK_D), ACC_DTYPE)
     acc_l1 = tl.zeros((BLOCK_D,), ACC_DTYPE)
     acc_consistency = tl.zeros((BLOCK_D,), ACC_DTYPE)
     acc_teacher = tl.zeros((BLOCK_D,), ACC_DTYPE)
@@ -101,7 +102,7 @@ def _noise_robust_partials_kernel(
         in_bounds = d < D
         # -0.0 is the additive identity that the compiler may fold away (x + -0.0 == x for every x).
         sums = tl.full((NUM_LOW_MASKS, BLOCK_D), -0.0, ACC_DTYPE)
-        mix = tl.full((NUM_MIXTURES, BLOCK_D), -0.0, ACC_DTYPE)
+        mix = tl.full((MIXTURES, BLOCK_D), -0.0, ACC_DTYPE)
         est_total = tl.full((BLOCK_D,), -0.0, ACC_DTYPE)
         y_total = tl.full((BLOCK_D,), -0.0, ACC_DTYPE)
         for s in tl.static_range(NUM_SOURCES):
@@ -141,7 +142,7 @@ def _noise_robust_partials_kernel(
     part = row * tl.num_programs(1) + chunk
     if USE_MIXIT:
         partial = tl.sum(acc_mix, axis=2)
-        out = mix_partials_ptr + part * (NUM_MIXTURES * NUM_MASKS)
+        out = mix_partials_ptr + part * (MIXTURES * NUM_MASKS)
         tl.store(out + mix_rows[:, None] * NUM_MASKS + high * NUM_LOW_MASKS + low_masks[None, :], partial)
     # Every `high` program sees the same elements: only the first reports the elementwise terms.
     first = high == 0
@@ -209,7 +210,7 @@ def _noise_robust_backward_kernel(
     row = tl.program_id(1)
     d = block * BLOCK_D + tl.arange(0, BLOCK_D)
     in_bounds = d < D
-    mix_rows = tl.arange(0, NUM_MIXTURES)
+    mix_rows = tl.arange(0, MIXTURES)
     row_offset = row.to(tl.int64) * NUM_SOURCES * D
 
     scale = tl.load(grad_loss_ptr).to(ACC_DTYPE) / _float_acc(divisor, ACC_DTYPE)
@@ -218,16 +219,16 @@ def _noise_robust_backward_kernel(
     coef_l1 = scale * _float_acc(weight_l1, ACC_DTYPE) / source_count
     coef_teacher = scale * _float_acc(weight_teacher, ACC_DTYPE) / source_count
     coef_consistency = scale * _float_acc(weight_consistency, ACC_DTYPE) / count
-    coef_mixit = scale * _float_acc(weight_mixit, ACC_DTYPE) / (count * NUM_MIXTURES)
+    coef_mixit = scale * _float_acc(weight_mixit, ACC_DTYPE) / (count * MIXTURES)
 
     if USE_MIXIT or USE_CONSISTENCY:
         # The signs every source shares: the consistency error and the chosen candidate's mixture errors.
         if USE_MIXIT:
             pair = tl.load(pair_ptr + row)
             best = tl.load(best_ptr + row)
-            chosen = tl.load(masks_ptr + best * NUM_MIXTURES + mix_rows)
-        sums = tl.full((NUM_MIXTURES, BLOCK_D), -0.0, ACC_DTYPE)
-        mix = tl.full((NUM_MIXTURES, BLOCK_D), -0.0, ACC_DTYPE)
+            chosen = tl.load(masks_ptr + best * MIXTURES + mix_rows)
+        sums = tl.full((MIXTURES, BLOCK_D), -0.0, ACC_DTYPE)
+        mix = tl.full((MIXTURES, BLOCK_D), -0.0, ACC_DTYPE)
         est_total = tl.full((BLOCK_D,), -0.0, ACC_DTYPE)
         y_total = tl.full((BLOCK_D,), -0.0, ACC_DTYPE)
         for s in tl.static_range(NUM_SOURCES):
