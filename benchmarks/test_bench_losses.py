@@ -1,12 +1,9 @@
 """pytest-benchmark: forward + backward of the V1 and V2 noise-robust losses (all terms active).
 
     python -m pytest benchmarks/test_bench_losses.py --benchmark-json bench-losses.json
-
-Skipped while nrt_kernels has no NoiseRobustLoss.
 """
 from __future__ import annotations
 
-import pytest
 from conftest import bench_impls, bench_shape, run_case
 
 from nrt_kernels import bench
@@ -23,7 +20,5 @@ def pytest_generate_tests(metafunc):
 
 
 def test_noise_robust_fwd_bwd(benchmark, case, impl, device):
-    if not bench.has_noise_robust_loss():
-        pytest.skip("nrt_kernels.NoiseRobustLoss is not in this build")
     benchmark.group = case.name
     run_case(benchmark, case, impl, device)

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from typing import Callable
 
 import torch
@@ -105,9 +106,7 @@ def build_cases(shape: tuple[int, ...], min_sources: int = 2, max_sources: int =
             if partitions == "equal" and sources % 2:
                 continue
             cases.append(Case(f"mixit-{sources}-{partitions}", "mixit", (batch, sources, channels, length), partitions))
-    if has_noise_robust_loss():
-        cases += [Case("v1", "v1", shape), Case("v2", "v2", shape)]
-    return cases
+    return cases + [Case("v1", "v1", shape), Case("v2", "v2", shape)]
 
 
 def select_cases(cases: list[Case], patterns: str | None) -> list[Case]:
@@ -115,12 +114,6 @@ def select_cases(cases: list[Case], patterns: str | None) -> list[Case]:
         return cases
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
     return [case for case in cases if any(fnmatch.fnmatchcase(case.name, p) for p in wanted)]
-
-
-def has_noise_robust_loss() -> bool:
-    import nrt_kernels
-
-    return hasattr(nrt_kernels, "NoiseRobustLoss")
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -154,19 +147,6 @@ def min_bytes(inputs: dict) -> int:
     return 2 * read + est.numel() * est.element_size()
 
 
-def _noise_robust_reference(version: str) -> Callable:
-    """The V1/V2 baseline: nrt_kernels.reference's loop if it has one, else the module with impl="reference"."""
-    import nrt_kernels
-
-    for name in (f"noise_robust_loss_{version}", f"{version}_loss", f"loss_{version}", "noise_robust_loss"):
-        function = getattr(reference, name, None)
-        if callable(function):
-            if name == "noise_robust_loss":
-                return lambda est, targets, **kw: function(est, targets, version=version, **kw)
-            return function
-    return nrt_kernels.NoiseRobustLoss(version=version, impl="reference")
-
-
 def loss_function(case: Case, impl: str) -> Callable:
     """``f(inputs) -> scalar loss`` for this case on this impl ("pytorch" is the reference loop)."""
     if case.loss == "mixit":
@@ -177,13 +157,13 @@ def loss_function(case: Case, impl: str) -> Callable:
         from .losses import mixit_loss
 
         return lambda inputs: mixit_loss(inputs["est"], inputs["mixtures"], partitions=case.partitions, impl=impl)
-    import nrt_kernels
+    from .losses import noise_robust_loss
 
-    module = _noise_robust_reference(case.loss) if impl == BASELINE else \
-        nrt_kernels.NoiseRobustLoss(version=case.loss, impl=impl)
+    loss_of = reference.noise_robust_loss if impl == BASELINE else partial(noise_robust_loss, impl=impl)
 
     def noise_robust(est, targets, teacher_targets, pairing, weights):
-        return module(est, targets, weights=weights, teacher_targets=teacher_targets, pairing=pairing)
+        return loss_of(est, targets, version=case.loss, weights=weights, teacher_targets=teacher_targets,
+                       pairing=pairing)
 
     return lambda inputs: noise_robust(inputs["est"], inputs["targets"], inputs["teacher_targets"],
                                        inputs["pairing"], inputs["weights"])
@@ -654,7 +634,7 @@ def main(argv=None) -> int:
     cases = select_cases(cases, patterns)
     if not cases:
         raise SystemExit(f"no case matches --cases {args.cases!r}; cases are mixit-M-generalized, "
-                         "mixit-M-equal (M even), v1, v2 (when nrt_kernels has NoiseRobustLoss)")
+                         "mixit-M-equal (M even), v1, v2")
     requested = [name.strip() for name in args.impl.split(",")] if args.impl else None
     impls, skipped = available_impls(requested, device)
 
@@ -667,8 +647,6 @@ def main(argv=None) -> int:
     batch, stems, channels, length = shape
     print(f"shape: B={batch}, C={channels}, T={length}, {args.dtype}; MixIT cases: est (B, M, C, T) vs 2 "
           f"mixtures (B, 2, C, T); V1/V2: est, targets, teacher targets (B, {stems}, C, T)")
-    if not has_noise_robust_loss():
-        print("V1/V2 cases: not in this build (nrt_kernels.NoiseRobustLoss is missing)")
     print(f"impls: {', '.join(impls)}")
     for name, reason in skipped.items():
         print(f"  skipped {name}: {reason}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nrt_kernels  # noqa: E402
+from nrt_kernels.training import EMATeacher, LossSchedule, teacher_targets_v1  # noqa: E402
 
 STEMS = ("bass", "lead", "noise", "clicks")
 SAMPLE_RATE = 8000
@@ -200,12 +200,7 @@ def evaluate(model: nn.Module, mixtures: torch.Tensor, clean: torch.Tensor, batc
 # ----------------------------------------------------------------------------------------------
 
 
-def has_noise_robust_training() -> bool:
-    return hasattr(nrt_kernels, "NoiseRobustLoss") and hasattr(getattr(nrt_kernels, "training", None),
-                                                                "EMATeacher")
-
-
-def train(name, recipe, data, test, args, init_state, progress_position=0):
+def train(name, recipe, data, test, args, init_state):
     """Train one separator; returns its history (loss terms, SDR curve) and final per-stem SDR."""
     from tqdm import tqdm
 
@@ -217,8 +212,6 @@ def train(name, recipe, data, test, args, init_state, progress_position=0):
     test_mixtures, test_clean = test
     history = {"step": [], "terms": {}, "weights": [], "eval_step": [], "eval_sdr": []}
     if recipe == "v1":
-        from nrt_kernels.training import EMATeacher, LossSchedule, teacher_targets_v1
-
         criterion = nrt_kernels.NoiseRobustLoss(version="v1", impl="auto")
         schedule = LossSchedule.v1()
         teacher = EMATeacher(model, decay=args.ema_decay)
@@ -226,7 +219,7 @@ def train(name, recipe, data, test, args, init_state, progress_position=0):
     history["terms"] = {"loss": [], **{term: [] for term in term_names}}
     eval_every = max(1, args.steps // args.evals)
     begin = time.perf_counter()
-    for step in tqdm(range(args.steps), desc=f"{name:>14}", unit="step", position=progress_position,
+    for step in tqdm(range(args.steps), desc=f"{name:>16}", unit="step",
                      dynamic_ncols=True):
         index = torch.randint(0, len(mixtures), (args.batch,))
         mixture, target = mixtures[index], targets[index]
@@ -403,18 +396,14 @@ def main(argv=None) -> int:
     print("label noise in the training stems: " + ", ".join(f"{k} {v}" for k, v in noise_stats.items()))
     print(f"model: TinySeparator, {parameters} parameters; {args.steps} steps of batch {args.batch}, Adam lr {args.lr}")
 
-    recipes = [("plain L1 (noisy)", "l1", noisy_data)]
-    if has_noise_robust_training():
-        recipes.append(("V1 (noisy)", "v1", noisy_data))
-        print(f"V1: NoiseRobustLoss('v1') + EMATeacher(decay={args.ema_decay:.4f}) + LossSchedule.v1(), "
-              f"{args.epochs} epochs compressed into {args.steps} steps")
-    else:
-        print("V1: skipped, this nrt_kernels has no NoiseRobustLoss / training.EMATeacher yet")
+    recipes = [("plain L1 (noisy)", "l1", noisy_data), ("V1 (noisy)", "v1", noisy_data)]
+    print(f"V1: NoiseRobustLoss('v1') + EMATeacher(decay={args.ema_decay:.4f}) + LossSchedule.v1(), "
+          f"{args.epochs} epochs compressed into {args.steps} steps")
     if not args.no_oracle:
         recipes.append(("plain L1 (clean)", "l1", clean_data))
 
     runs = {}
-    for position, (name, recipe, data) in enumerate(recipes):
+    for name, recipe, data in recipes:
         runs[name] = train(name, recipe, data, (test_mixtures, test_clean), args, init_state)
 
     print()

@@ -24,7 +24,7 @@ def run_cli(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_writes_table_csv_and_png(tmp_path):
-    cases = ["mixit-2-generalized", "mixit-4-equal"] + (["v1", "v2"] if bench.has_noise_robust_loss() else [])
+    cases = ["mixit-2-generalized", "mixit-4-equal", "v1", "v2"]
     result = run_cli(tmp_path, "--device", "cpu", "--shape", "2,4,1,256", "--impl", "pytorch",
                      "--cases", ",".join(cases), "--repeats", "2", "--warmup", "1", "--budget-s", "0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,9 +51,8 @@ def test_cli_writes_table_csv_and_png(tmp_path):
     element = 4 * 2 * 256
     assert int(rows[0]["min_bytes"]) == 2 * (2 * element + 2 * element) + 2 * element
     assert int(rows[1]["min_bytes"]) == 2 * (4 * element + 2 * element) + 4 * element
-    if bench.has_noise_robust_loss():
-        # est, targets and teacher targets (2, 4, 1, 256) read twice, grad est written once.
-        assert int(rows[2]["min_bytes"]) == 2 * (3 * 4 * element) + 4 * element
+    # est, targets and teacher targets (2, 4, 1, 256) read twice, grad est written once.
+    assert int(rows[2]["min_bytes"]) == int(rows[3]["min_bytes"]) == 2 * (3 * 4 * element) + 4 * element
 
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -84,7 +83,7 @@ def test_copy_bandwidth_and_timer_are_sane():
 def test_cases_cover_both_partition_modes():
     names = [case.name for case in bench.build_cases((2, 4, 1, 64))]
     assert "mixit-2-generalized" in names and "mixit-8-equal" in names and "mixit-3-equal" not in names
-    assert sum(name.startswith("mixit-") for name in names) == 7 + 4
+    assert sum(name.startswith("mixit-") for name in names) == 7 + 4 and names[-2:] == ["v1", "v2"]
     assert [case.name for case in bench.select_cases(bench.build_cases((2, 4, 1, 64)), "mixit-4-*")] == \
         ["mixit-4-generalized", "mixit-4-equal"]
 
