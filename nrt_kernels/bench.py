@@ -472,8 +472,7 @@ def format_table(rows: list[Row], show_graph: bool) -> str:
 
 
 CSV_FIELDS = ["device", "device_name", "threads", "load", "date", "torch", "triton", "dtype", "case", "loss", "sources",
-              "partitions",
-              "shape", "impl", "ms", "graph_ms", "speedup", "extra_bytes", "min_bytes", "gbps", "copy_gbps",
+              "partitions", "shape", "impl", "ms", "graph_ms", "speedup", "extra_bytes", "min_bytes", "gbps", "copy_gbps",
               "copy_fraction", "compile_s", "note"]
 
 
