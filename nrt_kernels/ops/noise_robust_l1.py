@@ -296,9 +296,10 @@ def _num_sms(device: torch.device) -> int:
 PARTIALS_WARPS = 4
 PARTIALS_MIXIT_VALUES_PER_THREAD = 48
 PARTIALS_ELEMENTWISE_PER_THREAD = 8
-# Programs per SM the launch aims at: several waves, each program looping long enough to amortise its final
-# cross-thread reductions, while the partials stay small (B * chunks * (2 * 2**S + 3) values).
-PARTIALS_PROGRAMS_PER_SM = 32
+# Programs per SM the launch aims at: whole waves (ptxas gives the 4-source, 1-element kernel 56 registers on
+# sm_90, so 9 programs of 128 threads fit an SM: 18 is two full waves), each program looping long enough to
+# amortise its final cross-thread reductions, while the partials stay small (B * chunks * (2 * 2**S + 3) values).
+PARTIALS_PROGRAMS_PER_SM = 18
 
 
 def partials_config(num_sources: int, length: int, batch: int, device: torch.device, use_mixit: bool):
