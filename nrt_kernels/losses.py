@@ -98,6 +98,10 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
         impl: "auto", "triton" (one fused op), "cuda"/"cpu" (the MixIT op of that backend, the other terms in
             PyTorch) or "reference".  Targets or teacher targets that require grad take the reference path.
 
+    Under DistributedDataParallel each process's loss is the mean over its own shard; with equal shards DDP's
+    gradient averaging gives exactly the gradient of the full-batch loss (tests/test_ddp.py).  The default
+    pairing is drawn per process (the same one only where every rank seeds its generator alike).
+
     Returns:
         ``loss`` (float32, float64 for float64 inputs on the fused path), or ``(loss, terms)``.
     """

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ..assignments import candidate_masks, num_candidates
-from .mixit_l1 import _check_runnable, _select_best_kernel, row_loss_dtype
+from .. import dispatch
+from .mixit_l1 import _select_best_kernel, row_loss_dtype
 
 # Term order of the fused op's ``weights`` and ``terms``: a V1 call leaves "consistency" at 0.
 TERM_NAMES = ("l1", "consistency", "mixit", "teacher")
@@ -281,6 +282,12 @@ def _flags(weights, teacher: torch.Tensor, source_weights: torch.Tensor) -> dict
     use = [weight != 0 for weight in weights]
     return dict(USE_L1=use[0], USE_CONSISTENCY=use[1], USE_MIXIT=use[2], USE_TEACHER=use[3] and teacher.numel() > 0,
                 SOURCE_WEIGHTED=source_weights.numel() > 0)
+
+
+def _check_runnable(tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cuda" and not dispatch.triton_interpreted():
+        raise RuntimeError(f'impl="triton" needs CUDA tensors, got a tensor on {tensor.device}; use impl="auto" or '
+                           '"reference", or set TRITON_INTERPRET=1 before importing nrt_kernels (slow, for tests)')
 
 
 def _num_sms(device: torch.device) -> int:
