@@ -131,3 +131,17 @@ def test_teacher_targets_v2_separates_the_detached_output_mixture():
     targets = teacher_targets_v2(EMATeacher(teacher).separate, est)
     torch.testing.assert_close(targets, teacher(est.detach().sum(1)).detach())
     assert not targets.requires_grad
+
+
+def test_wrapped_models_are_unwrapped_and_state_round_trips():
+    model = nn.Linear(2, 2)
+    ema = EMATeacher(nn.DataParallel(model), decay=0.5)
+    assert isinstance(ema.model, nn.Linear)
+    ema.update(nn.DataParallel(model))
+    ema.update(model)
+    restored = EMATeacher(nn.Linear(2, 2), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.count == ema.count == pytest.approx(1.5)
+    torch.testing.assert_close(restored.model.weight, ema.model.weight)
+    with pytest.raises(ValueError, match="decay"):
+        EMATeacher(model, decay=1.0)
