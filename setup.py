@@ -4,6 +4,8 @@ Environment switches (flash-attention style):
     NRT_SKIP_CPU_EXT=1   do not build the C++ CPU extension (csrc/mixit_l1.cpp, csrc/cpu/); impl="cpu" then
                          compiles it just in time on first use (nrt_kernels/_native.py), impl="auto" on CPU
                          falls back to the reference when that is impossible.
+    NRT_SKIP_CUDA_LIB=1  do not build the CUDA library (csrc/cuda/) even where nvcc exists;
+    NRT_FORCE_CUDA_LIB=1 fail the build when it cannot be built.
 
 Install from a checkout with ``pip install --no-build-isolation -e .`` so that the build sees the installed torch.
 """
@@ -36,7 +38,36 @@ else:
         cmdclass["build_ext"] = BuildExtension
 
 # --- CUDA library (csrc/cuda/, nvcc-built, loaded through ctypes by nrt_kernels/_cuda_lib.py) -----
-# Hook for its build step: append to ext_modules / cmdclass here, leaving the CPU part above as is.
+# Built with build_ext when nvcc is found. NRT_SKIP_CUDA_LIB=1 skips it; NRT_FORCE_CUDA_LIB=1 makes a
+# missing nvcc or a failed build an error. Without it, impl="cuda" compiles the library just in time on
+# first use (needs nvcc then).
+if os.environ.get("NRT_SKIP_CUDA_LIB") != "1":
+    import importlib.util
+
+    from setuptools.command.build_ext import build_ext as _setuptools_build_ext
+
+    def _cuda_lib_module():
+        # Loaded by path: importing the nrt_kernels package would import triton and the ops.
+        spec = importlib.util.spec_from_file_location(
+            "_nrt_cuda_lib_build",
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), "nrt_kernels", "_cuda_lib.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    class BuildExtWithCudaLib(cmdclass.get("build_ext", _setuptools_build_ext)):
+        def run(self):
+            super().run()
+            cuda_lib = _cuda_lib_module()
+            outdir = "nrt_kernels" if self.inplace else os.path.join(self.build_lib, "nrt_kernels")
+            try:
+                print("building", cuda_lib.build(outdir))
+            except cuda_lib.CudaLibraryError as error:
+                if os.environ.get("NRT_FORCE_CUDA_LIB") == "1":
+                    raise
+                warnings.warn(f"the CUDA library is not built ({error}); impl='cuda' compiles it just in time")
+
+    cmdclass["build_ext"] = BuildExtWithCudaLib
 
 setup(
     name="nrt_kernels",
