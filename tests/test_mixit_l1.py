@@ -179,8 +179,16 @@ def test_fuzz_against_reference(batch, sources, mixtures, length, equal, seed):
     fast = loss_and_grad(nrt_kernels.mixit_loss, est, mix, partitions=partitions, impl=IMPL)
     ref = loss_and_grad(reference.mixit_loss, est, mix, partitions=partitions)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-12, atol=1e-12)
-    assert torch.equal(fast[1], ref[1])
-    torch.testing.assert_close(fast[2], ref[2], rtol=0, atol=0)
+    # Short rows often tie mathematically (moving a source between two mixtures whose errors keep their
+    # sign leaves the L1 unchanged), and rounding then decides: another choice is right only at a real tie.
+    same = (fast[1] == ref[1]).all(1)
+    if not same.all():
+        table = assignments.candidate_assignments(sources, mixtures, partitions, est.device)
+        chosen = (table[None] == fast[1][:, None]).all(2).float().argmax(1)
+        losses = reference.candidate_losses(est.detach(), mix, partitions)
+        torch.testing.assert_close(losses.gather(1, chosen[:, None])[:, 0], losses.min(1).values,
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[2][same], ref[2][same], rtol=0, atol=0)
 
 
 def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
