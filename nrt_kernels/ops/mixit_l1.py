@@ -243,20 +243,29 @@ def _forward_plan(est: torch.Tensor, mixtures: torch.Tensor, partitions: str) ->
     wave = _programs_per_wave((est, mixtures, est.new_empty(0, dtype=row_loss_dtype(est.dtype)), length),
                               partials_kwargs, est.device, batch)
     num_chunks = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
-    count = num_candidates(num_sources, num_mixtures, partitions)
-    block_c = min(256, triton.next_power_of_2(count))
-    plan = dict(
-        partials_shape=(batch, num_chunks, num_mixtures, 1 << num_sources),
-        partials_grid=(highs, num_chunks, batch),
-        partials_kwargs=partials_kwargs,
-        masks=candidate_masks(num_sources, num_mixtures, partitions, est.device),
-        select_args=(num_chunks, count, float(num_mixtures * length)),
-        select_kwargs=dict(NUM_MIXTURES=num_mixtures, NUM_MASKS=1 << num_sources, BLOCK_C=block_c,
-                           BLOCK_T=min(triton.next_power_of_2(num_chunks), max(1, 4096 // block_c)),
-                           ACC_DTYPE=acc_dtype, num_warps=4),
-    )
+    plan = dict(partials_shape=(batch, num_chunks, num_mixtures, 1 << num_sources),
+                partials_grid=(highs, num_chunks, batch), partials_kwargs=partials_kwargs)
     _forward_plans[key] = plan
     return plan
+
+
+def select_best(partials: torch.Tensor, row_loss: torch.Tensor, best: torch.Tensor, num_sources: int,
+                partitions: str, length: int) -> None:
+    """The selection stage over per-(mixture, subset) partials laid out (B, chunks, N, 2**M).
+
+    Writes each row's first best candidate (NaN first) to ``best`` and its loss, the partials' sum over
+    chunks and mixtures divided by N * length, to ``row_loss``. Shared by every Triton op with a MixIT term.
+    """
+    batch, num_chunks, num_mixtures, num_masks = partials.shape
+    count = num_candidates(num_sources, num_mixtures, partitions)
+    block_c = min(256, triton.next_power_of_2(count))
+    _select_best_kernel[(batch,)](
+        partials, candidate_masks(num_sources, num_mixtures, partitions, partials.device), row_loss, best,
+        num_chunks, count, float(num_mixtures * length),
+        NUM_MIXTURES=num_mixtures, NUM_MASKS=num_masks, BLOCK_C=block_c,
+        BLOCK_T=min(triton.next_power_of_2(num_chunks), max(1, 4096 // block_c)),
+        ACC_DTYPE=_acc_dtype(partials.dtype), num_warps=4,
+    )
 
 
 def _check_runnable(tensor: torch.Tensor) -> None:
@@ -277,8 +286,7 @@ def triton_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
     _subset_l1_partials_kernel[plan["partials_grid"]](est, mixtures, partials, length, **plan["partials_kwargs"])
     row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device)
     best = torch.empty(batch, dtype=torch.int64, device=est.device)
-    _select_best_kernel[(batch,)](partials, plan["masks"], row_loss, best, *plan["select_args"],
-                                  **plan["select_kwargs"])
+    select_best(partials, row_loss, best, est.shape[1], partitions, length)
     return row_loss, best
 
 

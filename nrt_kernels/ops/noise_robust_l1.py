@@ -11,7 +11,7 @@ Forward, three launches:
    accumulates, in registers, the two mixtures of the pairing (formed from the targets), every subset sum of
    est against both mixtures (the MixIT search, ``2 * 2**S`` partials), ``|est - y|``, ``|sum est - sum y|`` and
    ``|est - teacher|``.  It writes the MixIT partials in ``mixit_l1``'s layout and three term partials per chunk.
-2. ``mixit_l1._select_best_kernel`` (shared with the core op): per row, the best candidate and its row loss.
+2. ``mixit_l1.select_best`` (shared with the core op): per row, the best candidate and its row loss.
 3. ``_combine_terms_kernel``: one program sums the term partials in a fixed order (deterministic) and writes
    the four term values and the weighted, normalised loss.
 
@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..assignments import candidate_masks, num_candidates
+from ..assignments import candidate_masks
 from .. import dispatch
-from .mixit_l1 import _select_best_kernel, row_loss_dtype
+from .mixit_l1 import row_loss_dtype, select_best
 
 # Term order of the fused op's ``weights`` and ``terms``: a V1 call leaves "consistency" at 0.
 TERM_NAMES = ("l1", "consistency", "mixit", "teacher")
@@ -323,22 +323,6 @@ def partials_config(num_sources: int, length: int, batch: int, device: torch.dev
     return low_sources, block_d, PARTIALS_WARPS, block_d * iters
 
 
-def _select_best(mix_partials, row_loss, best, num_sources, num_chunks, length, acc_dtype) -> None:
-    """Per row, the first best MixIT candidate from partials in ``mixit_l1``'s layout: its selection kernel,
-    launched with the tile sizes its own launcher uses (a (chunks x candidates) tile where it takes one)."""
-    masks = candidate_masks(num_sources, NUM_MIXTURES, "generalized", mix_partials.device)
-    count_candidates = num_candidates(num_sources, NUM_MIXTURES, "generalized")
-    block_c = min(256, triton.next_power_of_2(count_candidates))
-    tiles = {}
-    if "BLOCK_T" in _select_best_kernel.arg_names:
-        tiles["BLOCK_T"] = min(triton.next_power_of_2(num_chunks), max(1, 4096 // block_c))
-    _select_best_kernel[(row_loss.shape[0],)](
-        mix_partials, masks, row_loss, best, num_chunks, count_candidates, float(NUM_MIXTURES * length),
-        NUM_MIXTURES=NUM_MIXTURES, NUM_MASKS=1 << num_sources, BLOCK_C=block_c, ACC_DTYPE=acc_dtype, num_warps=4,
-        **tiles,
-    )
-
-
 def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, divisor):
     _check_runnable(est)
     batch, num_sources, length = est.shape
@@ -363,7 +347,7 @@ def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, d
     row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device) if flags["USE_MIXIT"] else term_partials
     best = torch.zeros(batch, dtype=torch.int64, device=est.device)
     if flags["USE_MIXIT"]:
-        _select_best(mix_partials, row_loss, best, num_sources, num_chunks, length, _acc_dtype(est.dtype))
+        select_best(mix_partials, row_loss, best, num_sources, "generalized", length)
     terms = torch.empty(len(TERM_NAMES), dtype=acc_dtype, device=est.device)
     loss = torch.empty((), dtype=acc_dtype, device=est.device)
     _combine_terms_kernel[(1,)](
