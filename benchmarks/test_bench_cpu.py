@@ -6,6 +6,10 @@
 The shape is the CPU target of issue 4: B=4, M=4 estimated sources, N=2 mixtures, C=2 channels, T=44100
 samples, float32, generalized partitions (16 candidates).  The targets are >= 15x the loop and >= 10x
 torch.compile of it; the memory-bandwidth bound (est and mixtures read twice, grad written) is about 1 ms.
+
+Allocator note: glibc serves every same-size large allocation with a fresh mmap, so each step's 5.6 MB
+gradient is page-faulted in again (~1-2 ms on a VM, more than the kernels themselves).  Every impl pays
+it; MALLOC_MMAP_THRESHOLD_=1000000000 (or jemalloc/tcmalloc) removes it and shows the kernel cost.
 """
 from __future__ import annotations
 
@@ -108,7 +112,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds; each runs every impl once")
+    parser.add_argument("--rounds", type=int, default=20, help="timed runs per impl")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every impl")
     parser.add_argument("--cpu-time", action="store_true",
@@ -126,17 +130,19 @@ def main() -> None:
         steps["torch.compile loop"] = forward_backward(compiled_loop_loss())
         steps["torch.compile loop"](*inputs)
         print(f"torch.compile: first call {time.perf_counter() - begin:.1f} s")
-    for step in steps.values():
-        for _ in range(3):
-            step(*inputs)
-    # Round-robin: a machine that gets busier or quieter mid-run moves every impl, not only one.
+    # Each impl runs back to back (warm-up, then the timed runs), as in a training loop; interleaving them
+    # would time every step right after another impl has evicted the caches and left threads spinning.
+    # The fast path runs first and again last: a gap between the two means the machine got busier.
+    order = [*steps, "cpu extension"]
     times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            times[name].append(time_ms(step, inputs, clock))
+    for position, name in enumerate(order):
+        for _ in range(3):
+            steps[name](*inputs)
+        runs = [time_ms(steps[name], inputs, clock) for _ in range(args.rounds)]
+        times[name if position < len(steps) else "cpu extension (again)"] = runs
 
     bytes_moved = 2 * (inputs[0].nbytes + inputs[1].nbytes) + inputs[0].nbytes
-    fast = statistics.median(times["cpu extension"])
+    fast = statistics.median(times["cpu extension"] + times["cpu extension (again)"])
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {cpu_model()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"shape {SHAPE}, float32, forward+backward, {args.rounds} rounds, "
