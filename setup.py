@@ -80,6 +80,7 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
+    entry_points={"console_scripts": ["nrt-bench = nrt_kernels.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
