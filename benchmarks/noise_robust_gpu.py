@@ -16,9 +16,9 @@ import itertools
 import traceback
 
 import torch
-from triton.testing import do_bench
 
 from nrt_kernels import noise_robust_loss, reference
+from nrt_kernels.bench import peak_bytes_cuda, time_cuda
 from nrt_kernels.ops import noise_robust_l1 as op
 
 CASES = {"v1": [1, 2, 1], "v2": [0.5, 0.5, 2, 0.5]}
@@ -47,14 +47,8 @@ def fwd_bwd(fn, est, targets, teacher):
 def measure(fn, est, targets, teacher):
     step = fwd_bwd(fn, est, targets, teacher)
     step()  # compile / warm up
-    torch.cuda.synchronize()
-    ms = do_bench(step, warmup=10, rep=100, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    (grad,) = step()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - grad.numel() * grad.element_size()
+    ms = time_cuda(step, rep_ms=100)
+    extra = peak_bytes_cuda(step, est.device) - est.numel() * est.element_size()  # less the grad it returns
     return ms, extra / 2**20
 
 
@@ -107,7 +101,7 @@ def tune(shape):
     for per_thread, warps, per_sm in itertools.product((1, 2), (4, 8), (9, 18, 36)):
         op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM = warps, 48 * per_thread, per_sm
         try:
-            ms = do_bench(lambda: fn(est, targets, teacher), warmup=5, rep=40, return_mode="median")
+            ms = time_cuda(lambda: fn(est, targets, teacher), rep_ms=40)
             print(f"  ({per_thread}, {warps}, {per_sm}): {ms:.4f}", flush=True)
         except Exception as error:
             print(f"  ({per_thread}, {warps}, {per_sm}): failed {error!r}")
