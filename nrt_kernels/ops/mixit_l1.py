@@ -2,13 +2,14 @@
 
 Forward, per batch row ``b`` (est ``(B, M, D)``, mixtures ``(B, N, D)``, flattened and contiguous):
 
-1. ``_subset_l1_partials_kernel``: a program owns one row, one chunk of ``D`` and one
-   block of source subsets.  It loads the ``M`` source tiles and ``N`` mixture tiles
+1. ``_subset_l1_partials_kernel``: a program owns one row, an even, strided share of its
+   tiles of ``D`` (the launch is one wave, sized from the compiled kernel's registers) and
+   one block of source subsets.  It loads the ``M`` source tiles and ``N`` mixture tiles
    once, forms the subset sums in registers and accumulates ``|subset_sum - mix_n|``
    for every (mixture, subset) pair.  A candidate's error is a sum of ``N`` of these
    pairs, so scoring every subset once per mixture (``N * 2**M`` terms) covers all
    ``N**M`` candidates without ever forming a remix in memory.
-2. ``_select_best_kernel``: one program per row adds the per-chunk partials in a fixed
+2. ``_select_best_kernel``: one program per row adds the per-program partials in a fixed
    order (bitwise identical from run to run), scores every candidate of
    ``nrt_kernels.assignments`` and keeps the first minimum (NaN beats numbers, like
    ``torch.min``).
