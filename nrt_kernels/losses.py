@@ -37,9 +37,8 @@ def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reductio
                                     return_est=return_est, return_assignment=return_assignment)
     batch, num_sources, num_mixtures = est.shape[0], est.shape[1], mixtures.shape[1]
     dtype = torch.promote_types(est.dtype, mixtures.dtype)
-    # The kernels read (B, M, D) and (B, N, D) row-major: a non-contiguous input costs one copy here.
-    flat_est = est.to(dtype).reshape(batch, num_sources, -1).contiguous()
-    flat_mix = mixtures.to(dtype).reshape(batch, num_mixtures, -1).contiguous()
+    flat_est = _fused_operand(est, dtype, batch, num_sources)
+    flat_mix = _fused_operand(mixtures, dtype, batch, num_mixtures)
     row_loss, best = mixit_l1(flat_est, flat_mix, partitions, backend)
     return reference.finish_mixit(row_loss, best, est, num_mixtures, partitions=partitions, reduction=reduction,
                                   return_est=return_est, return_assignment=return_assignment)
@@ -61,9 +60,9 @@ class MixITLoss(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
-def _fused_operand(tensor: torch.Tensor, dtype: torch.dtype, batch: int, num_sources: int) -> torch.Tensor:
-    # The kernels read (B, S, D) row-major: a non-contiguous input costs one copy here.
-    flat = tensor.to(dtype).reshape(batch, num_sources, -1).contiguous()
+def _fused_operand(tensor: torch.Tensor, dtype: torch.dtype, batch: int, rows: int) -> torch.Tensor:
+    # The kernels read (B, rows, D) row-major: a non-contiguous input costs one copy here.
+    flat = tensor.to(dtype).reshape(batch, rows, -1).contiguous()
     # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
     # (torch.compile never sees inference tensors as graph inputs, and cannot trace the test.)
     if (not torch.compiler.is_compiling() and flat.is_inference() and torch.is_grad_enabled()

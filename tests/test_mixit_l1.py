@@ -188,3 +188,14 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     est, mix = (t.cpu() for t in make_inputs(1, 2, 2, seed=15))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         nrt_kernels.mixit_loss(est, mix, impl="triton")
+
+
+def test_mixtures_made_under_inference_mode():
+    # Targets from a teacher run under torch.inference_mode() must still be usable as mixtures.
+    est, mix = make_inputs(2, 4, 2, seed=16)
+    with torch.inference_mode():
+        mix = mix * 1.0
+    loss = nrt_kernels.mixit_loss(est, mix, impl=IMPL)
+    (grad,) = torch.autograd.grad(loss, est)
+    torch.testing.assert_close(loss, reference.mixit_loss(est, mix.clone()))
+    assert torch.isfinite(grad).all()
