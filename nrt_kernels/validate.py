@@ -16,15 +16,19 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_float_tensor(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), "
+                        f"got {tensor.dtype}")
+
+
 def check_mixit_inputs(est: torch.Tensor, mixtures: torch.Tensor, *, metric="l1", partitions="generalized",
                        reduction="mean") -> None:
     """Raise TypeError/ValueError naming the problem; return nothing when the call is valid."""
     for name, tensor in (("est", est), ("mixtures", mixtures)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), "
-                            f"got {tensor.dtype}")
+        check_float_tensor(name, tensor)
         if tensor.ndim < 3:
             raise ValueError(f"{name} must have shape (batch, sources or mixtures, *trailing) with at least one "
                              f"trailing dim, got shape {tuple(tensor.shape)}")
@@ -69,10 +73,7 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
     if teacher_targets is not None:
         tensors.append(("teacher_targets", teacher_targets))
     for name, tensor in tensors:
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
+        check_float_tensor(name, tensor)
         if tensor.shape != est.shape:
             raise ValueError(f"{name} must have the shape of est {tuple(est.shape)}, got {tuple(tensor.shape)}")
         if tensor.device != est.device:
