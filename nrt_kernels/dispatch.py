@@ -12,6 +12,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_triton_runnable(tensor: torch.Tensor) -> None:
+    """The Triton launchers' own guard, for calls that reach the ops without going through resolve_impl."""
+    if tensor.device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            f'impl="triton" needs CUDA tensors, got a tensor on {tensor.device}; move the inputs to a GPU, use '
+            'impl="auto"/"cpu"/"reference", or set TRITON_INTERPRET=1 before importing nrt_kernels to run the Triton '
+            "kernels on the CPU (slow, for testing)")
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -24,7 +24,6 @@ front-ends never care which one ran.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -32,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..assignments import candidate_masks, num_candidates
+from ..dispatch import check_triton_runnable
 
 _BACKENDS: dict[str, tuple[Callable, Callable]] = {}
 
@@ -269,17 +269,8 @@ def select_best(partials: torch.Tensor, row_loss: torch.Tensor, best: torch.Tens
     )
 
 
-def _check_runnable(tensor: torch.Tensor) -> None:
-    if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f'impl="triton" needs CUDA tensors, got a tensor on {tensor.device}; move the inputs to a GPU, use '
-            'impl="cpu"/"reference", or set TRITON_INTERPRET=1 before importing nrt_kernels to run the Triton '
-            "kernels on the CPU (slow, for testing)"
-        )
-
-
 def triton_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
-    _check_runnable(est)
+    check_triton_runnable(est)
     plan = _forward_plan(est, mixtures, partitions)
     batch, length = est.shape[0], est.shape[2]
     acc_dtype = row_loss_dtype(est.dtype)
@@ -298,7 +289,7 @@ BACKWARD_WARPS = 16
 
 
 def triton_backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool):
-    _check_runnable(est)
+    check_triton_runnable(est)
     batch, num_sources, length = est.shape
     num_mixtures = mixtures.shape[1]
     grad_est = torch.empty_like(est)

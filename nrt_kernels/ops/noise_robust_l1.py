@@ -284,12 +284,6 @@ def _flags(weights, teacher: torch.Tensor, source_weights: torch.Tensor) -> dict
                 SOURCE_WEIGHTED=source_weights.numel() > 0)
 
 
-def _check_runnable(tensor: torch.Tensor) -> None:
-    if tensor.device.type != "cuda" and not dispatch.triton_interpreted():
-        raise RuntimeError(f'impl="triton" needs CUDA tensors, got a tensor on {tensor.device}; use impl="auto" or '
-                           '"reference", or set TRITON_INTERPRET=1 before importing nrt_kernels (slow, for tests)')
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -324,7 +318,7 @@ def partials_config(num_sources: int, length: int, batch: int, device: torch.dev
 
 
 def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, divisor):
-    _check_runnable(est)
+    dispatch.check_triton_runnable(est)
     batch, num_sources, length = est.shape
     acc_dtype = row_loss_dtype(est.dtype)
     flags = _flags(weights, teacher, source_weights)
@@ -367,7 +361,7 @@ BACKWARD_WARPS = 16
 
 
 def triton_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor):
-    _check_runnable(est)
+    dispatch.check_triton_runnable(est)
     batch, num_sources, length = est.shape
     flags = _flags(weights, teacher, source_weights)
     grad_est = torch.empty_like(est)
