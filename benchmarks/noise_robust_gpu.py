@@ -95,17 +95,19 @@ def check(shape_small=(3, 4, 2, 5000)) -> int:
 def tune(shape):
     est, targets, teacher = make_inputs(shape)
     pairing = torch.tensor(PAIRING)
-    saved = (op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM)
+    saved = (op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD)
     fn = loss_fn("triton", "v1", CASES["v1"], pairing)
-    print("partials kernel (V1 forward only), (elements/thread, warps, programs per SM): ms", flush=True)
-    for per_thread, warps, per_sm in itertools.product((1, 2), (4, 8), (9, 18, 36)):
-        op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM = warps, 48 * per_thread, per_sm
+    print("partials kernel (V1 forward only, one wave), (elements/thread, warps): ms", flush=True)
+    for per_thread, warps in itertools.product((1, 2), (4, 8)):
+        op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD = warps, 48 * per_thread
+        op._partials_plans.clear()
         try:
             ms = time_cuda(lambda: fn(est, targets, teacher), rep_ms=40)
-            print(f"  ({per_thread}, {warps}, {per_sm}): {ms:.4f}", flush=True)
+            print(f"  ({per_thread}, {warps}): {ms:.4f}", flush=True)
         except Exception as error:
-            print(f"  ({per_thread}, {warps}, {per_sm}): failed {error!r}")
-    op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_PROGRAMS_PER_SM = saved
+            print(f"  ({per_thread}, {warps}): failed {error!r}")
+    op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD = saved
+    op._partials_plans.clear()
     print("backward kernel (V1 fwd+bwd), (BLOCK_D, warps): ms", flush=True)
     block, warps0 = op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS
     for block_d, warps in ((512, 16), (512, 8), (1024, 16), (1024, 4), (2048, 8)):

@@ -207,15 +207,19 @@ def forward_config(num_sources: int, num_mixtures: int):
     return low_sources, 32 * num_warps * elements_per_thread, num_warps
 
 
-def _programs_per_wave(kernel_args: tuple, kernel_kwargs: dict, device: torch.device, batch: int) -> int:
-    """How many programs of the partials kernel the GPU runs at once (registers and warps per SM decide)."""
+def programs_per_wave(kernel, kernel_args: tuple, kernel_kwargs: dict, device: torch.device) -> int:
+    """How many programs of ``kernel`` (launched with these arguments) the GPU runs at once.
+
+    Registers and threads per SM decide; the register count is the compiled kernel's own. Every op whose
+    programs stride over a row launches exactly this many, so no half-empty tail wave follows the full ones.
+    """
     if device.type != "cuda":
         return 64  # the interpreter: any count is correct, a few keep it quick
     props = torch.cuda.get_device_properties(device)
     threads = 32 * kernel_kwargs["num_warps"]
     per_sm = props.max_threads_per_multi_processor // threads
     try:
-        compiled = _subset_l1_partials_kernel.warmup(*kernel_args, grid=(1, 1, batch), **kernel_kwargs)
+        compiled = kernel.warmup(*kernel_args, grid=(1,), **kernel_kwargs)
         getattr(compiled, "_init_handles", lambda: None)()  # loads the binary, which fills n_regs
         per_sm = min(per_sm, props.regs_per_multiprocessor // (max(1, int(compiled.n_regs)) * threads))
     except Exception:  # a Triton without warmup(): assume a moderate register budget
@@ -241,8 +245,9 @@ def _forward_plan(est: torch.Tensor, mixtures: torch.Tensor, partitions: str) ->
                            MIX_PAD=triton.next_power_of_2(num_mixtures), LOW_SOURCES=low_sources, BLOCK_D=block_d,
                            ACC_DTYPE=acc_dtype, num_warps=num_warps)
     # One wave of programs, split evenly over rows and subset blocks; never more workers than blocks.
-    wave = _programs_per_wave((est, mixtures, est.new_empty(0, dtype=row_loss_dtype(est.dtype)), length),
-                              partials_kwargs, est.device, batch)
+    wave = programs_per_wave(_subset_l1_partials_kernel,
+                             (est, mixtures, est.new_empty(0, dtype=row_loss_dtype(est.dtype)), length),
+                             partials_kwargs, est.device)
     num_chunks = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
     plan = dict(partials_shape=(batch, num_chunks, num_mixtures, 1 << num_sources),
                 partials_grid=(highs, num_chunks, batch), partials_kwargs=partials_kwargs)

@@ -6,11 +6,12 @@ mixture 0, the others into mixture 1) and optional normalised per-source weights
 
 Forward, three launches:
 
-1. ``_noise_robust_partials_kernel``: a program owns one row, one chunk of ``D`` and one block of source
-   subsets (as ``ops/mixit_l1.py``).  It reads every source tile of est, targets and teacher targets once and
+1. ``_noise_robust_partials_kernel``: a program owns one row, an even, strided share of its tiles of ``D``
+   (the launch is one wave, sized from the compiled kernel's registers) and one block of source subsets (as
+   ``ops/mixit_l1.py``).  It reads every source tile of est, targets and teacher targets once and
    accumulates, in registers, the two mixtures of the pairing (formed from the targets), every subset sum of
    est against both mixtures (the MixIT search, ``2 * 2**S`` partials), ``|est - y|``, ``|sum est - sum y|`` and
-   ``|est - teacher|``.  It writes the MixIT partials in ``mixit_l1``'s layout and three term partials per chunk.
+   ``|est - teacher|``.  It writes the MixIT partials in ``mixit_l1``'s layout and three term partials per program.
 2. ``mixit_l1.select_best`` (shared with the core op): per row, the best candidate and its row loss.
 3. ``_combine_terms_kernel``: one program sums the term partials in a fixed order (deterministic) and writes
    the four term values and the weighted, normalised loss.
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ..assignments import candidate_masks
 from .. import dispatch
-from .mixit_l1 import row_loss_dtype, select_best
+from .mixit_l1 import programs_per_wave, row_loss_dtype, select_best
 
 # Term order of the fused op's ``weights`` and ``terms``: a V1 call leaves "consistency" at 0.
 TERM_NAMES = ("l1", "consistency", "mixit", "teacher")
@@ -72,16 +73,18 @@ def _float_acc(x, ACC_DTYPE: tl.constexpr):
 @triton.jit
 def _noise_robust_partials_kernel(
     est_ptr, y_ptr, teacher_ptr, pair_ptr, source_weights_ptr, mix_partials_ptr, term_partials_ptr,
-    D, chunk_len,
+    D,
     NUM_SOURCES: tl.constexpr, LOW_SOURCES: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
     USE_L1: tl.constexpr, USE_CONSISTENCY: tl.constexpr, USE_MIXIT: tl.constexpr, USE_TEACHER: tl.constexpr,
     SOURCE_WEIGHTED: tl.constexpr,
 ):
     # Subsets are split as mask = high * 2**LOW_SOURCES + low (see mixit_l1): the program's `high` bits pick
-    # which of the high sources join every sum, the low sources are enumerated in registers.
+    # which of the high sources join every sum, the low sources are enumerated in registers. The `worker`
+    # programs of a row stride over its tiles: the launch is one wave of equal programs (see mixit_l1).
     high = tl.program_id(0)
-    chunk = tl.program_id(1)
+    worker = tl.program_id(1)
     row = tl.program_id(2)
+    num_workers = tl.num_programs(1)
     NUM_LOW_MASKS: tl.constexpr = 1 << LOW_SOURCES
     NUM_MASKS: tl.constexpr = 1 << NUM_SOURCES
     NEED_Y: tl.constexpr = USE_L1 or USE_CONSISTENCY or USE_MIXIT
@@ -97,8 +100,7 @@ def _noise_robust_partials_kernel(
     acc_l1 = tl.zeros((BLOCK_D,), ACC_DTYPE)
     acc_consistency = tl.zeros((BLOCK_D,), ACC_DTYPE)
     acc_teacher = tl.zeros((BLOCK_D,), ACC_DTYPE)
-    begin = chunk * chunk_len
-    for start in range(begin, begin + chunk_len, BLOCK_D):
+    for start in range(worker * BLOCK_D, D, num_workers * BLOCK_D):
         d = start + offsets
         in_bounds = d < D
         # -0.0 is the additive identity that the compiler may fold away (x + -0.0 == x for every x).
@@ -140,7 +142,7 @@ def _noise_robust_partials_kernel(
         if USE_CONSISTENCY:
             acc_consistency += tl.abs(est_total - y_total)
 
-    part = row * tl.num_programs(1) + chunk
+    part = row * num_workers + worker
     if USE_MIXIT:
         partial = tl.sum(acc_mix, axis=2)
         out = mix_partials_ptr + part * (MIXTURES * NUM_MASKS)
@@ -284,12 +286,6 @@ def _flags(weights, teacher: torch.Tensor, source_weights: torch.Tensor) -> dict
                 SOURCE_WEIGHTED=source_weights.numel() > 0)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: any count is correct, a few keep it quick
-
-
 # Tile settings of the partials kernel (benchmarks/noise_robust_gpu.py --tune times alternatives).
 # With the MixIT search, the subset sums and accumulators live in registers, 3 * 2**low values per element a
 # thread holds, beside the term accumulators: at 4 sources (48 values) one element per thread avoids spills
@@ -297,24 +293,38 @@ def _num_sms(device: torch.device) -> int:
 PARTIALS_WARPS = 4
 PARTIALS_MIXIT_VALUES_PER_THREAD = 48
 PARTIALS_ELEMENTWISE_PER_THREAD = 8
-# Programs per SM the launch aims at: whole waves (ptxas gives the 4-source, 1-element kernel 56 registers on
-# sm_90, so 9 programs of 128 threads fit an SM: 18 is two full waves), each program looping long enough to
-# amortise its final cross-thread reductions, while the partials stay small (B * chunks * (2 * 2**S + 3) values).
-PARTIALS_PROGRAMS_PER_SM = 18
+
+_partials_plans: dict = {}
 
 
-def partials_config(num_sources: int, length: int, batch: int, device: torch.device, use_mixit: bool):
-    """(low_sources, block_d, num_warps, chunk_len) of the partials kernel."""
-    if use_mixit:
+def _partials_plan(inputs: tuple, flags: dict) -> dict:
+    """Grid and constexprs of the partials kernel for these inputs' shape, dtypes and device and this term set.
+
+    ``inputs``: the kernel's first five arguments (est, targets, teacher, pair_masks, source_weights, with
+    stand-ins as launched).
+    """
+    est = inputs[0]
+    key = (tuple(est.shape), tuple(x.dtype for x in inputs), est.device, tuple(flags.items()))
+    plan = _partials_plans.get(key)
+    if plan is not None:
+        return plan
+    batch, num_sources, length = est.shape
+    if flags["USE_MIXIT"]:
         low_sources = min(num_sources, 5)
         elements_per_thread = max(1, min(4, PARTIALS_MIXIT_VALUES_PER_THREAD // (3 << low_sources)))
-        highs = 1 << (num_sources - low_sources)
     else:
-        low_sources, elements_per_thread, highs = 0, PARTIALS_ELEMENTWISE_PER_THREAD, 1
+        low_sources, elements_per_thread = 0, PARTIALS_ELEMENTWISE_PER_THREAD
+    highs = 1 << (num_sources - low_sources) if flags["USE_MIXIT"] else 1
     block_d = 32 * PARTIALS_WARPS * elements_per_thread
-    blocks = triton.cdiv(length, block_d)
-    iters = max(1, min(256, (blocks * batch * highs) // (PARTIALS_PROGRAMS_PER_SM * _num_sms(device))))
-    return low_sources, block_d, PARTIALS_WARPS, block_d * iters
+    kwargs = dict(NUM_SOURCES=num_sources, LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype),
+                  num_warps=PARTIALS_WARPS, **flags)
+    # One wave of equal programs, as the core op's partials (measured there); never more workers than tiles.
+    stand_in = est.new_empty(0, dtype=row_loss_dtype(est.dtype))
+    wave = programs_per_wave(_noise_robust_partials_kernel, (*inputs, stand_in, stand_in, length), kwargs, est.device)
+    num_workers = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
+    plan = dict(grid=(highs, num_workers, batch), kwargs=kwargs, num_workers=num_workers)
+    _partials_plans[key] = plan
+    return plan
 
 
 def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, divisor):
@@ -322,32 +332,28 @@ def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, d
     batch, num_sources, length = est.shape
     acc_dtype = row_loss_dtype(est.dtype)
     flags = _flags(weights, teacher, source_weights)
-    low_sources, block_d, num_warps, chunk_len = partials_config(num_sources, length, batch, est.device,
-                                                                 flags["USE_MIXIT"])
-    num_chunks = triton.cdiv(length, chunk_len)
-    num_masks = 1 << num_sources
-    highs = 1 << (num_sources - low_sources) if flags["USE_MIXIT"] else 1
-    term_partials = torch.empty(batch, num_chunks, 3, dtype=acc_dtype, device=est.device)
-    # Without the MixIT term no partials are written: term_partials stands in as the (unused) pointer.
-    mix_partials = (torch.empty(batch, num_chunks, NUM_MIXTURES, num_masks, dtype=acc_dtype, device=est.device)
-                    if flags["USE_MIXIT"] else term_partials)
     # Unused pointers still need a tensor: est stands in for them, never read.
-    _noise_robust_partials_kernel[(highs, num_chunks, batch)](
-        est, targets, teacher if flags["USE_TEACHER"] else est, pair_masks,
-        source_weights if flags["SOURCE_WEIGHTED"] else est, mix_partials, term_partials, length, chunk_len,
-        NUM_SOURCES=num_sources, LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype),
-        num_warps=num_warps, **flags,
-    )
-    row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device) if flags["USE_MIXIT"] else term_partials
-    best = torch.zeros(batch, dtype=torch.int64, device=est.device)
+    inputs = (est, targets, teacher if flags["USE_TEACHER"] else est, pair_masks,
+              source_weights if flags["SOURCE_WEIGHTED"] else est)
+    plan = _partials_plan(inputs, flags)
+    num_workers = plan["num_workers"]
+    term_partials = torch.empty(batch, num_workers, 3, dtype=acc_dtype, device=est.device)
+    # Without the MixIT term no partials are written: term_partials stands in as the (unused) pointer.
+    mix_partials = (torch.empty(batch, num_workers, NUM_MIXTURES, 1 << num_sources, dtype=acc_dtype,
+                                device=est.device) if flags["USE_MIXIT"] else term_partials)
+    _noise_robust_partials_kernel[plan["grid"]](*inputs, mix_partials, term_partials, length, **plan["kwargs"])
     if flags["USE_MIXIT"]:
+        row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device)
+        best = torch.empty(batch, dtype=torch.int64, device=est.device)
         select_best(mix_partials, row_loss, best, num_sources, "generalized", length)
+    else:
+        row_loss, best = term_partials, torch.zeros(batch, dtype=torch.int64, device=est.device)
     terms = torch.empty(len(TERM_NAMES), dtype=acc_dtype, device=est.device)
     loss = torch.empty((), dtype=acc_dtype, device=est.device)
     _combine_terms_kernel[(1,)](
         row_loss, term_partials, terms, loss,
-        batch, batch * num_chunks, length, *[float(w) for w in weights], float(divisor),
-        NUM_SOURCES=num_sources, BLOCK=min(1024, triton.next_power_of_2(max(batch * num_chunks, batch))),
+        batch, batch * num_workers, length, *[float(w) for w in weights], float(divisor),
+        NUM_SOURCES=num_sources, BLOCK=min(1024, triton.next_power_of_2(max(batch * num_workers, batch))),
         ACC_DTYPE=_acc_dtype(est.dtype), **flags,
     )
     return loss, terms, best
