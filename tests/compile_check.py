@@ -6,13 +6,19 @@ The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not tha
 compiler accepts them; versions differ (CI takes the newest Triton, GPU machines may have an older one).
 This script runs representative calls of every fused op with each kernel launch replaced by a compile of
 the same kernel, arguments and constexprs for ``GPUTarget("cuda", arch, 32)``, and prints one line per
-kernel with its register count. The launches' outputs stay uninitialised: only compilation is checked.
+kernel with its registers and stack frame as ptxas allocated them (read from the cubin by cuobjdump). A kernel
+with a stack frame spills registers to it, which ran the MixIT partials 2.5x slower on an H200: that fails the check
+too. The launches' outputs stay uninitialised: only compilation is checked.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -51,6 +57,24 @@ def _signature(kernel: JITFunction, args, kwargs):
     return signature, constexprs
 
 
+def _cuobjdump():
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def _resource_usage(cubin: bytes):
+    """{"registers", "stack_bytes"} of a cubin's kernel, or None without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return dict(registers=int(match[1]), stack_bytes=int(match[2])) if match else None
+
+
 def _compile_only(self: JITFunction, grid):
     def launch(*args, **kwargs):
         signature, constexprs = _signature(self, args, kwargs)
@@ -62,8 +86,12 @@ def _compile_only(self: JITFunction, grid):
         try:
             kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs),
                                     target=TARGET, options=options)
-            compiled[key] = getattr(kernel, "n_regs", None) or kernel.metadata
-            print(f"ok    {self.fn.__name__:40s} {options} {constexprs}")
+            compiled[key] = kernel
+            usage = _resource_usage(kernel.asm["cubin"])
+            print(f"ok    {self.fn.__name__:40s} {usage or 'resources unknown'} {options} {constexprs}")
+            if usage and usage["stack_bytes"]:
+                failures.append((self.fn.__name__, constexprs, f"spills registers: {usage}"))
+                print(f"FAIL  {self.fn.__name__} spills registers to its stack frame")
         except Exception as error:  # report every failure, keep checking the others
             failures.append((self.fn.__name__, constexprs, error))
             print(f"FAIL  {self.fn.__name__:40s} {constexprs}\n{error}")
