@@ -10,14 +10,16 @@ from nrt_kernels import reference
 from nrt_kernels.ops.noise_robust_l1 import TERM_NAMES, noise_robust_l1
 
 IMPL = "triton"
+# On a GPU machine (TRITON_INTERPRET=0) the same tests run the compiled kernels on CUDA.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Non-zero weights per version: dyadic, so the float64 comparisons are exact up to summation order.
 NONZERO = {"v1": (1.5, 2.0, 0.5), "v2": (0.5, 0.25, 2.0, 1.0)}
 
 
-def make_inputs(batch=3, sources=4, trailing=(2, 45), dtype=torch.float64, seed=0):
+def make_inputs(batch=3, sources=4, trailing=(2, 45), dtype=torch.float64, seed=0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
-    est, targets, teacher = (torch.randn(batch, sources, *trailing, generator=gen, dtype=torch.float64).to(dtype)
-                             for _ in range(3))
+    est, targets, teacher = (
+        torch.randn(batch, sources, *trailing, generator=gen, dtype=torch.float64).to(device, dtype) for _ in range(3))
     pairing = torch.stack([torch.randperm(sources, generator=gen) for _ in range(batch)])
     return est, targets, teacher, pairing
 
@@ -215,7 +217,7 @@ def test_targets_requiring_grad_take_the_reference_path():
 
 
 def test_module_and_auto_impl_on_cpu_avoid_the_interpreter(monkeypatch):
-    est, targets, teacher, pairing = make_inputs(seed=18)
+    est, targets, teacher, pairing = make_inputs(seed=18, device="cpu")
     criterion = nrt_kernels.NoiseRobustLoss(version="v2", impl="auto")
     kwargs = dict(weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
     # On the CPU, auto never runs the Triton kernels: break them and the call still works.
@@ -229,8 +231,8 @@ def test_module_and_auto_impl_on_cpu_avoid_the_interpreter(monkeypatch):
 
 def test_custom_op_registration_passes_opcheck():
     est, targets, teacher, pairing = make_inputs(batch=2, trailing=(20,), dtype=torch.float32, seed=19)
-    masks = torch.tensor([0b0011, 0b0101], dtype=torch.int32)
-    args = (est.requires_grad_(True), targets, teacher, masks, torch.empty(0), [1.0, 0.5, 2.0, 0.5], 4.0, "triton")
+    masks = torch.tensor([0b0011, 0b0101], dtype=torch.int32, device=est.device)
+    args = (est.requires_grad_(True), targets, teacher, masks, est.new_empty(0), [1.0, 0.5, 2.0, 0.5], 4.0, "triton")
     torch.library.opcheck(noise_robust_l1, args, test_utils=("test_schema", "test_faketensor",
                                                              "test_autograd_registration"))
     loss, terms, best = noise_robust_l1(*args)
@@ -264,7 +266,7 @@ def test_cpu_backend_composes_the_mixit_op_with_pytorch_terms():
     from nrt_kernels import _native
     if not _native.cpu_extension_available():
         pytest.skip("the CPU extension is not available in this build")
-    est, targets, teacher, pairing = make_inputs(seed=20)
+    est, targets, teacher, pairing = make_inputs(seed=20, device="cpu")
     kwargs = dict(version="v2", weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
     fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl="cpu", **kwargs)
     ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
