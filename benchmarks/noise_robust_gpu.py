@@ -4,8 +4,9 @@
 
 Default shape: B=16, S=4, C=2, T=308700 (7 s at 44.1 kHz), fp32, every term of the heaviest phase on
 (V1 [1, 2, 1] with teacher targets, V2 [0.5, 0.5, 2, 0.5]).  Prints per (version, impl): the median ms of
-forward+backward (triton.testing.do_bench), GB/s over the minimal bytes (est, targets and teacher targets read
-in forward and again in backward, grad written) and the peak memory beyond the inputs and the gradient.
+forward+backward, eager (triton.testing.do_bench) and replayed from a CUDA graph (the device time, without
+launch overhead), GB/s over the minimal bytes (est, targets and teacher targets read in forward and again in
+backward, grad written) and the peak memory beyond the inputs and the gradient.
 ``--check`` first compares the compiled kernels with the reference on CUDA for every weight combination;
 ``--tune`` times the partials and backward kernels under other tile configurations.
 """
@@ -18,7 +19,7 @@ import traceback
 import torch
 
 from nrt_kernels import noise_robust_loss, reference
-from nrt_kernels.bench import peak_bytes_cuda, time_cuda
+from nrt_kernels.bench import peak_bytes_cuda, time_cuda, time_cuda_graph
 from nrt_kernels.ops import noise_robust_l1 as op
 
 CASES = {"v1": [1, 2, 1], "v2": [0.5, 0.5, 2, 0.5]}
@@ -44,12 +45,19 @@ def fwd_bwd(fn, est, targets, teacher):
     return lambda: torch.autograd.grad(fn(leaf, targets, teacher), leaf)
 
 
-def measure(fn, est, targets, teacher):
+def measure(fn, est, targets, teacher, graph=False):
+    """(eager ms, graph ms or None, extra MiB) of forward+backward."""
     step = fwd_bwd(fn, est, targets, teacher)
     step()  # compile / warm up
     ms = time_cuda(step, rep_ms=100)
     extra = peak_bytes_cuda(step, est.device) - est.numel() * est.element_size()  # less the grad it returns
-    return ms, extra / 2**20
+    graph_ms = None
+    if graph:
+        try:
+            graph_ms = time_cuda_graph(step, rep_ms=100)
+        except Exception as error:  # an impl that syncs or copies from the host cannot be captured
+            print(f"  not capturable: {error!r}"[:200], flush=True)
+    return ms, graph_ms, extra / 2**20
 
 
 def check(shape_small=(3, 4, 2, 5000)) -> int:
@@ -112,7 +120,7 @@ def tune(shape):
     block, warps0 = op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS
     for block_d, warps in ((512, 16), (512, 8), (1024, 16), (1024, 4), (2048, 8)):
         op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block_d, warps
-        ms, _ = measure(fn, est, targets, teacher)
+        ms, _, _ = measure(fn, est, targets, teacher)
         print(f"  ({block_d}, {warps}): {ms:.4f}", flush=True)
     op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block, warps0
 
@@ -130,32 +138,41 @@ def main():
     if args.tune:
         tune(tuple(args.shape))
     est, targets, teacher = make_inputs(tuple(args.shape))
-    pairing = torch.tensor(PAIRING[: args.shape[1]] if args.shape[1] == 4 else list(range(args.shape[1])))
+    # On the device, so that every impl's step can be captured in a CUDA graph (no host copy inside).
+    pairing = torch.tensor(PAIRING if args.shape[1] == 4 else list(range(args.shape[1])), device="cuda")
     rows = []
     for version, weights in CASES.items():
         impls = ["triton", "reference"] + ([] if args.no_compile else ["compile"])
         for impl in impls:
             try:
                 if impl == "compile":
-                    fn = torch.compile(loss_fn("reference", version, weights, pairing.cuda()))
+                    fn = torch.compile(loss_fn("reference", version, weights, pairing))
                 else:
                     fn = loss_fn(impl, version, weights, pairing)
-                ms, extra = measure(fn, est, targets, teacher)
+                ms, graph_ms, extra = measure(fn, est, targets, teacher, graph=True)
             except Exception as error:
                 print(f"{version} {impl}: failed {error!r}", flush=True)
                 continue
             # Minimal traffic: est, targets, teacher read in forward and backward, grad written.
-            gbps = 7 * est.numel() * est.element_size() / ms / 1e6
-            rows.append((version, impl, ms, gbps, extra))
-            print(f"{version:>3} {impl:>10} {ms:9.4f} ms {gbps:8.1f} GB/s {extra:10.2f} MiB extra", flush=True)
-    print("\n| version | impl | fwd+bwd ms | GB/s | extra MiB |\n|---|---|---|---|---|")
-    for version, impl, ms, gbps, extra in rows:
-        print(f"| {version} | {impl} | {ms:.4f} | {gbps:.0f} | {extra:.2f} |")
-    for version, impl, ms, _, extra in rows:
+            best = min(ms, graph_ms or ms)
+            gbps = 7 * est.numel() * est.element_size() / best / 1e6
+            rows.append((version, impl, ms, graph_ms, gbps, extra))
+            print(f"{version:>3} {impl:>10} eager {ms:9.4f} ms graph {graph_ms or float('nan'):9.4f} ms "
+                  f"{gbps:8.1f} GB/s {extra:10.2f} MiB extra", flush=True)
+    if "triton" in [impl for _, impl, *_ in rows]:
+        print("partials launch plans (grid, constexprs):", *op._partials_plans.values(), sep="\n  ")
+    print("\n| version | impl | eager ms | graph ms | GB/s (best) | extra MiB |\n|---|---|---|---|---|---|")
+    for version, impl, ms, graph_ms, gbps, extra in rows:
+        graph_cell = f"{graph_ms:.4f}" if graph_ms is not None else "not capturable"
+        print(f"| {version} | {impl} | {ms:.4f} | {graph_cell} | {gbps:.0f} | {extra:.2f} |")
+    for version, impl, ms, graph_ms, _, extra in rows:
         if version == "v1" and impl == "triton" and tuple(args.shape) == (16, 4, 2, 308700):
-            verdict = "meets" if ms <= 0.5 and extra <= 1.0 else "MISSES"
+            # Judged on the device time (graph replay), as the core op's targets; eager is reported beside it.
+            device_ms = graph_ms if graph_ms is not None else ms
+            verdict = "meets" if device_ms <= 0.5 and extra <= 1.0 else "MISSES"
+            graph_text = f"graph {graph_ms:.3f} ms, " if graph_ms is not None else "no graph, "
             print(f"\nissue 5 target (V1 fused fwd+bwd <= 0.5 ms, <= 1 MiB extra on an H100): {verdict} "
-                  f"({ms:.3f} ms, {extra:.2f} MiB on {torch.cuda.get_device_name()})")
+                  f"({graph_text}eager {ms:.3f} ms, {extra:.2f} MiB on {torch.cuda.get_device_name()})")
 
 
 if __name__ == "__main__":
