@@ -190,6 +190,21 @@ def test_half_precision_against_float64_truth(dtype):
     assert_close_to_truth(fast, lowp, truth, dtype)
 
 
+@pytest.mark.parametrize("version,weights", [("v1", [1, 2, 1]), ("v2", [0.5, 0.5, 2, 0.5])])
+def test_exact_zero_errors_get_zero_gradient_like_autograd(version, weights):
+    # Silent stems and zero padding make est == target exactly: |0| has gradient 0 there, as autograd's abs.
+    # Integer-valued inputs make every error (and every MixIT candidate's loss) exact, ties included.
+    gen = torch.Generator().manual_seed(22)
+    est, targets, teacher = (torch.randint(-1, 2, (3, 4, 2, 40), generator=gen).double().to(DEVICE) for _ in range(3))
+    targets[:, 1] = 0.0
+    est[:, 1, :, :20] = 0.0
+    kwargs = dict(version=version, weights=weights, teacher_targets=teacher, pairing=torch.tensor([2, 0, 3, 1]))
+    assert ((est - targets) == 0).float().mean() > 0.3
+    fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl=IMPL, **kwargs)
+    ref = loss_terms_grad(reference.noise_robust_loss, est, targets, **kwargs)
+    assert_same(fast, ref, rtol=1e-12, atol=1e-13)
+
+
 def test_nan_in_teacher_targets_propagates():
     est, targets, teacher, pairing = make_inputs(seed=14)
     teacher[1, 2, 0, 5] = float("nan")
