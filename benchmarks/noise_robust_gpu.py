@@ -101,27 +101,30 @@ def check(shape_small=(3, 4, 2, 5000)) -> int:
 
 
 def tune(shape):
+    """Tile sweeps, timed by CUDA-graph replay (the device time: eager steps can be launch-bound)."""
     est, targets, teacher = make_inputs(shape)
-    pairing = torch.tensor(PAIRING)
-    saved = (op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD)
+    pairing = torch.tensor(PAIRING, device="cuda")
+    saved = (op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_STAGES)
     fn = loss_fn("triton", "v1", CASES["v1"], pairing)
-    print("partials kernel (V1 forward only, one wave), (elements/thread, warps): ms", flush=True)
-    for per_thread, warps in itertools.product((1, 2), (4, 8)):
-        op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD = warps, 48 * per_thread
+    expected = fn(est, targets, teacher)
+    print("partials kernel (V1 forward only, one wave), (elements/thread, warps, loop stages): ms", flush=True)
+    for per_thread, warps, stages in ((1, 4, 1), (1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 1), (1, 8, 3), (2, 4, 1)):
+        op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_STAGES = warps, 48 * per_thread, stages
         op._partials_plans.clear()
         try:
-            ms = time_cuda(lambda: fn(est, targets, teacher), rep_ms=40)
-            print(f"  ({per_thread}, {warps}): {ms:.4f}", flush=True)
+            same = torch.allclose(fn(est, targets, teacher), expected, rtol=1e-5, atol=0)
+            ms = time_cuda_graph(lambda: fn(est, targets, teacher), rep_ms=40)
+            print(f"  ({per_thread}, {warps}, {stages}): {ms:.4f}{'' if same else '  WRONG LOSS'}", flush=True)
         except Exception as error:
-            print(f"  ({per_thread}, {warps}): failed {error!r}")
-    op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD = saved
+            print(f"  ({per_thread}, {warps}, {stages}): failed {error!r}")
+    op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_STAGES = saved
     op._partials_plans.clear()
     print("backward kernel (V1 fwd+bwd), (BLOCK_D, warps): ms", flush=True)
     block, warps0 = op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS
     for block_d, warps in ((512, 16), (512, 8), (1024, 16), (1024, 4), (2048, 8)):
         op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block_d, warps
-        ms, _, _ = measure(fn, est, targets, teacher)
-        print(f"  ({block_d}, {warps}): {ms:.4f}", flush=True)
+        _, graph_ms, _ = measure(fn, est, targets, teacher, graph=True)
+        print(f"  ({block_d}, {warps}): {graph_ms or float('nan'):.4f}", flush=True)
     op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block, warps0
 
 

@@ -3,9 +3,11 @@
     python benchmarks/tune_mixit_gpu.py [--shape 16,4,2,2,308700] [--tune] [--json FILE]
 
 ``python -m nrt_kernels.bench`` compares whole forward + backward steps across impls; this script looks inside
-the Triton one: the forward (partials + selection) and the backward kernel alone against the memory roofline,
-with ``--tune`` the same under other tile shapes (forward: low sources, elements per thread, warps; backward:
-tile and warps), and the host's time per eager step (an isolated loss is launch-bound on a slow host).
+the Triton one: the forward (partials + selection) and the backward kernel alone against the memory roofline
+(replayed from CUDA graphs, so that the host's launch cost does not hide the kernels' time),
+with ``--tune`` the same under other tile shapes (forward: low sources, elements per thread, warps, pipelined
+loop stages; backward: tile and warps), and the host's time per eager step (an isolated loss is launch-bound on
+a slow host). It prints the forward's launch plan too: programs per SM as sized from the compiled registers.
 """
 from __future__ import annotations
 
@@ -16,27 +18,39 @@ import time
 import torch
 
 import nrt_kernels
-from nrt_kernels.bench import copy_bandwidth, time_cuda
+from nrt_kernels.bench import copy_bandwidth, time_cuda, time_cuda_graph
 from nrt_kernels.ops import mixit_l1 as op
+
+
+def device_ms(fn, rep_ms=100):
+    """Median ms of ``fn`` replayed from a CUDA graph: the kernels' time, not the host's (launch-bound here)."""
+    return time_cuda_graph(fn, rep_ms=rep_ms)
+
+
+# (elements per thread, warps, pipelined loop stages) of the forward sweep.
+FORWARD_TILES = ((1, 4, 1), (1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 1), (1, 8, 3), (2, 4, 1), (2, 4, 3))
 
 
 def forward_sweep(est, mix, fwd_bytes, bandwidth):
     rows, original = [], op.forward_config
+    expected_loss, expected_best = op.triton_forward(est, mix, "generalized")
     sources = est.shape[1]
     for low in sorted({min(sources, 5), min(sources, 4)}):
-        for elements_per_thread in (1, 2):
-            for num_warps in (4, 8):
-                op.forward_config = lambda *_, lo=low, e=elements_per_thread, w=num_warps: (lo, 32 * w * e, w)
+        for elements_per_thread, num_warps, stages in FORWARD_TILES:
+            op.forward_config = lambda *_, lo=low, e=elements_per_thread, w=num_warps, st=stages: (
+                lo, 32 * w * e, w, st)
+            op._forward_plans.clear()
+            key = dict(low=low, elements_per_thread=elements_per_thread, warps=num_warps, stages=stages)
+            try:
+                row_loss, best = op.triton_forward(est, mix, "generalized")
+                same = torch.equal(best, expected_best) and torch.allclose(row_loss, expected_loss, rtol=1e-5, atol=0)
+                ms = device_ms(lambda: op.triton_forward(est, mix, "generalized"))
+                rows.append(dict(key, forward_ms=ms, roofline=fwd_bytes / ms / 1e6 / bandwidth, same_result=same))
+            except Exception as error:  # a shape that does not compile is reported, not fatal
+                rows.append(dict(key, error=str(error)[:100]))
+            finally:
+                op.forward_config = original
                 op._forward_plans.clear()
-                key = dict(low=low, elements_per_thread=elements_per_thread, warps=num_warps)
-                try:
-                    ms = time_cuda(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=100)
-                    rows.append(dict(key, forward_ms=ms, roofline=fwd_bytes / ms / 1e6 / bandwidth))
-                except Exception as error:  # a shape that does not compile is reported, not fatal
-                    rows.append(dict(key, error=str(error)[:100]))
-                finally:
-                    op.forward_config = original
-                    op._forward_plans.clear()
     return rows
 
 
@@ -47,7 +61,7 @@ def backward_sweep(est, mix, best, bwd_bytes, bandwidth):
         for warps in (4, 8, 16):
             op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block, warps
             try:
-                ms = time_cuda(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=100)
+                ms = device_ms(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False))
                 rows.append(dict(block=block, warps=warps, backward_ms=ms, roofline=bwd_bytes / ms / 1e6 / bandwidth))
             except Exception as error:
                 rows.append(dict(block=block, warps=warps, error=str(error)[:100]))
@@ -85,15 +99,24 @@ def main():
     bwd_bytes = fwd_bytes + est.numel() * 4
 
     _, best = op.triton_forward(est, mix, "generalized")
+    (plan,) = op._forward_plans.values()
+    highs, workers, _ = plan["partials_grid"]
+    programs_per_sm = highs * workers * batch / torch.cuda.get_device_properties(device).multi_processor_count
+    print(f"forward plan: grid {plan['partials_grid']}, {programs_per_sm:.1f} programs per SM, "
+          f"{plan['partials_kwargs']}")
     grad_rows = torch.full((batch,), 1.0 / batch, device=device)
-    forward = time_cuda(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
-    backward = time_cuda(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=200)
+    forward = device_ms(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
+    backward = device_ms(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=200)
+    forward_eager = time_cuda(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
     leaf = est.clone().requires_grad_(True)
     issuing, total = host_ms_per_step(leaf, mix)
     result = dict(device=torch.cuda.get_device_name(), copy_gbps=bandwidth, shape=args.shape,
-                  forward_ms=forward, backward_ms=backward, host_issuing_ms=issuing, host_total_ms=total)
+                  forward_programs_per_sm=programs_per_sm,
+                  forward_ms=forward, backward_ms=backward, forward_eager_ms=forward_eager, host_issuing_ms=issuing,
+                  host_total_ms=total)
     print(f"forward (partials + selection) {forward:.3f} ms, {100 * fwd_bytes / forward / 1e6 / bandwidth:.1f}% "
-          f"of copy; backward {backward:.3f} ms, {100 * bwd_bytes / backward / 1e6 / bandwidth:.1f}% of copy")
+          f"of copy; backward {backward:.3f} ms, {100 * bwd_bytes / backward / 1e6 / bandwidth:.1f}% of copy "
+          f"(CUDA-graph replay; the forward eager: {forward_eager:.3f} ms)")
     print(f"eager step: the host issues it in {issuing:.3f} ms, {total:.3f} ms with the GPU")
     if args.tune:
         result["forward_sweep"] = forward_sweep(est, mix, fwd_bytes, bandwidth)

@@ -106,32 +106,50 @@ def main() -> int:
     TARGET = GPUTarget("cuda", args.arch, 32)
     JITFunction.__getitem__ = _compile_only
 
-    import nrt_kernels
     from nrt_kernels import dispatch
 
     # CPU tensors stand in for CUDA ones: let them through to the (compile-only) launches.
     dispatch.triton_interpreted = lambda: True
     print(f"triton {triton.__version__}, target sm_{args.arch}")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for sources, mixtures, partitions in ((4, 2, "generalized"), (4, 2, "equal"), (8, 2, "generalized"),
-                                              (3, 3, "generalized"), (1, 2, "generalized")):
-            est = torch.randn(2, sources, 2, 300).to(dtype).requires_grad_(True)
-            mix = torch.randn(2, mixtures, 2, 300).to(dtype).requires_grad_(True)
-            loss = nrt_kernels.mixit_loss(est, mix, partitions=partitions, impl="triton")
-            loss.backward()
-    _check_noise_robust()
+    _check_mixit((torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                 ((4, 2, "generalized"), (4, 2, "equal"), (8, 2, "generalized"), (3, 3, "generalized"),
+                  (1, 2, "generalized")))
+    # Each case turns a different set of terms (constexpr flags), dtypes and source counts on.
+    _check_noise_robust([("v1", [1, 2, 1], torch.float64, 4, None), ("v1", [1, 0, 0], torch.float32, 4, None),
+                         ("v2", [0, 0, 0, 1], torch.float32, 4, None), ("v2", [0, 1, 0, 0], torch.float16, 4, None),
+                         ("v2", [1, 0.5, 2, 1], torch.float32, 4, [1, 2, 1, 1]),
+                         ("v2", [0.5, 0.5, 2, 0.5], torch.bfloat16, 8, None),
+                         ("v1", [1, 2, 1], torch.float32, 2, None)])
+    # The pipelined partials loops that the GPU tune scripts sweep: they must compile, without spills, too.
+    from nrt_kernels.ops import mixit_l1, noise_robust_l1
+
+    defaults = mixit_l1.PARTIALS_STAGES, noise_robust_l1.PARTIALS_STAGES
+    for stages in (2, 3, 4):
+        mixit_l1.PARTIALS_STAGES = noise_robust_l1.PARTIALS_STAGES = stages
+        mixit_l1._forward_plans.clear()
+        noise_robust_l1._partials_plans.clear()
+        _check_mixit((torch.float32, torch.bfloat16), ((4, 2, "generalized"),))
+        _check_noise_robust([("v1", [1, 2, 1], torch.float32, 4, None),
+                             ("v2", [0.5, 0.5, 2, 0.5], torch.bfloat16, 4, None)])
+    mixit_l1.PARTIALS_STAGES, noise_robust_l1.PARTIALS_STAGES = defaults
     print(f"{len(compiled)} kernels compiled, {len(failures)} failed")
     return 1 if failures else 0
 
 
-def _check_noise_robust():
+def _check_mixit(dtypes, cases):
     import nrt_kernels
 
-    # Each case turns a different set of terms (constexpr flags), dtypes and source counts on.
-    cases = [("v1", [1, 2, 1], torch.float64, 4, None), ("v1", [1, 0, 0], torch.float32, 4, None),
-             ("v2", [0, 0, 0, 1], torch.float32, 4, None), ("v2", [0, 1, 0, 0], torch.float16, 4, None),
-             ("v2", [1, 0.5, 2, 1], torch.float32, 4, [1, 2, 1, 1]), ("v2", [0.5, 0.5, 2, 0.5], torch.bfloat16, 8, None),
-             ("v1", [1, 2, 1], torch.float32, 2, None)]
+    for dtype in dtypes:
+        for sources, mixtures, partitions in cases:
+            est = torch.randn(2, sources, 2, 300).to(dtype).requires_grad_(True)
+            mix = torch.randn(2, mixtures, 2, 300).to(dtype).requires_grad_(True)
+            loss = nrt_kernels.mixit_loss(est, mix, partitions=partitions, impl="triton")
+            loss.backward()
+
+
+def _check_noise_robust(cases):
+    import nrt_kernels
+
     for version, weights, dtype, sources, source_weights in cases:
         est = torch.randn(2, sources, 1, 300).to(dtype).requires_grad_(True)
         targets, teacher = torch.randn(2, sources, 1, 300).to(dtype), torch.randn(2, sources, 1, 300).to(dtype)

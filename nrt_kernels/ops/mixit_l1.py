@@ -24,6 +24,7 @@ front-ends never care which one ran.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -57,7 +58,7 @@ def _subset_l1_partials_kernel(
     est_ptr, mix_ptr, partials_ptr,
     D,
     NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr,
-    LOW_SOURCES: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    LOW_SOURCES: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     # Subsets are split as mask = high * 2**LOW_SOURCES + low: the program's `high` bits pick a
     # fixed base sum, the low sources are enumerated in registers (2**LOW_SOURCES at once).
@@ -77,7 +78,7 @@ def _subset_l1_partials_kernel(
     mix_row = mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
 
     acc = tl.zeros((MIX_PAD, NUM_LOW_MASKS, BLOCK_D), ACC_DTYPE)
-    for start in range(worker * BLOCK_D, D, num_workers * BLOCK_D):
+    for start in tl.range(worker * BLOCK_D, D, num_workers * BLOCK_D, num_stages=LOOP_STAGES):
         d = start + offsets
         in_bounds = d < D
         # -0.0 is the additive identity that the compiler may fold away (x + -0.0 == x for every x).
@@ -196,22 +197,30 @@ def _acc_dtype(dtype: torch.dtype):
     return _TL_ACC.get(dtype, tl.float32)
 
 
+# Tiles of the partials loop whose loads are in flight at once: above 1, Triton copies later tiles into shared
+# memory (cp.async) while this one is summed, more bytes in flight per SM (float32 tiles: a 2-byte element per
+# thread is too small for cp.async and loads directly). Compiled for sm_90 without spills at 2-4; not yet timed:
+# benchmarks/tune_mixit_gpu.py --tune sweeps it on a GPU.
+PARTIALS_STAGES = 1
+
+
 def forward_config(num_sources: int, num_mixtures: int):
-    """Tile shape of the partials kernel: (low_sources, block_d, num_warps)."""
+    """Tile shape of the partials kernel: (low_sources, block_d, num_warps, loop_stages)."""
     # Subset sums and accumulators live in registers, (1 + mixtures) * 2**low of them per element a
     # thread holds; past ~48 they spill (measured on an H200: 2 elements per thread at M=4 ran 2.5x slower).
     low_sources = min(num_sources, 5)
     values_per_element = (1 + triton.next_power_of_2(num_mixtures)) << low_sources
     elements_per_thread = min(4, 1 << (max(1, 48 // values_per_element).bit_length() - 1))
     num_warps = 4
-    return low_sources, 32 * num_warps * elements_per_thread, num_warps
+    return low_sources, 32 * num_warps * elements_per_thread, num_warps, PARTIALS_STAGES
 
 
 def programs_per_wave(kernel, kernel_args: tuple, kernel_kwargs: dict, device: torch.device) -> int:
     """How many programs of ``kernel`` (launched with these arguments) the GPU runs at once.
 
-    Registers and threads per SM decide; the register count is the compiled kernel's own. Every op whose
-    programs stride over a row launches exactly this many, so no half-empty tail wave follows the full ones.
+    Threads, registers and shared memory per SM decide; the register and shared-memory counts are the compiled
+    kernel's own. Every op whose programs stride over a row launches exactly this many, so no half-empty tail
+    wave follows the full ones.
     """
     if device.type != "cuda":
         # The interpreter: any count is correct; a small one makes the tests' short rows loop over several tiles.
@@ -222,10 +231,25 @@ def programs_per_wave(kernel, kernel_args: tuple, kernel_kwargs: dict, device: t
     try:
         compiled = kernel.warmup(*kernel_args, grid=(1,), **kernel_kwargs)
         getattr(compiled, "_init_handles", lambda: None)()  # loads the binary, which fills n_regs
-        per_sm = min(per_sm, props.regs_per_multiprocessor // (max(1, int(compiled.n_regs)) * threads))
-    except Exception:  # a Triton without warmup(): assume a moderate register budget
+        registers = -(-max(1, int(compiled.n_regs)) // 8) * 8  # allocated in units of 8 per thread
+        per_sm = min(per_sm, props.regs_per_multiprocessor // (registers * threads))
+        shared = int(getattr(compiled.metadata, "shared", 0))
+        if shared:
+            per_sm = min(per_sm, props.shared_memory_per_multiprocessor // shared)
+    except Exception as error:  # an older Triton or torch: a moderate budget, said once (it costs speed)
+        _warn_once(f"nrt_kernels: could not read {kernel.fn.__name__}'s registers ({error!r}); sizing its launch "
+                   "for 4 programs per SM, which may be slower")
         per_sm = min(per_sm, 4)
     return max(1, per_sm) * props.multi_processor_count
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 _forward_plans: dict = {}
@@ -239,12 +263,12 @@ def _forward_plan(est: torch.Tensor, mixtures: torch.Tensor, partitions: str) ->
         return plan
     batch, num_sources, length = est.shape
     num_mixtures = mixtures.shape[1]
-    low_sources, block_d, num_warps = forward_config(num_sources, num_mixtures)
+    low_sources, block_d, num_warps, loop_stages = forward_config(num_sources, num_mixtures)
     highs = 1 << (num_sources - low_sources)
     acc_dtype = _acc_dtype(est.dtype)
     partials_kwargs = dict(NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures,
                            MIX_PAD=triton.next_power_of_2(num_mixtures), LOW_SOURCES=low_sources, BLOCK_D=block_d,
-                           ACC_DTYPE=acc_dtype, num_warps=num_warps)
+                           ACC_DTYPE=acc_dtype, LOOP_STAGES=loop_stages, num_warps=num_warps)
     # One wave of programs, split evenly over rows and subset blocks; never more workers than blocks.
     wave = programs_per_wave(_subset_l1_partials_kernel,
                              (est, mixtures, est.new_empty(0, dtype=row_loss_dtype(est.dtype)), length),

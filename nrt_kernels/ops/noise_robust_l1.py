@@ -75,8 +75,8 @@ def _noise_robust_partials_kernel(
     est_ptr, y_ptr, teacher_ptr, pair_ptr, source_weights_ptr, mix_partials_ptr, term_partials_ptr,
     D,
     NUM_SOURCES: tl.constexpr, LOW_SOURCES: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    USE_L1: tl.constexpr, USE_CONSISTENCY: tl.constexpr, USE_MIXIT: tl.constexpr, USE_TEACHER: tl.constexpr,
-    SOURCE_WEIGHTED: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, USE_L1: tl.constexpr, USE_CONSISTENCY: tl.constexpr, USE_MIXIT: tl.constexpr,
+    USE_TEACHER: tl.constexpr, SOURCE_WEIGHTED: tl.constexpr,
 ):
     # Subsets are split as mask = high * 2**LOW_SOURCES + low (see mixit_l1): the program's `high` bits pick
     # which of the high sources join every sum, the low sources are enumerated in registers. The `worker`
@@ -100,7 +100,7 @@ def _noise_robust_partials_kernel(
     acc_l1 = tl.zeros((BLOCK_D,), ACC_DTYPE)
     acc_consistency = tl.zeros((BLOCK_D,), ACC_DTYPE)
     acc_teacher = tl.zeros((BLOCK_D,), ACC_DTYPE)
-    for start in range(worker * BLOCK_D, D, num_workers * BLOCK_D):
+    for start in tl.range(worker * BLOCK_D, D, num_workers * BLOCK_D, num_stages=LOOP_STAGES):
         d = start + offsets
         in_bounds = d < D
         # -0.0 is the additive identity that the compiler may fold away (x + -0.0 == x for every x).
@@ -293,6 +293,9 @@ def _flags(weights, teacher: torch.Tensor, source_weights: torch.Tensor) -> dict
 PARTIALS_WARPS = 4
 PARTIALS_MIXIT_VALUES_PER_THREAD = 48
 PARTIALS_ELEMENTWISE_PER_THREAD = 8
+# Tiles whose loads are in flight at once (see mixit_l1.PARTIALS_STAGES): compiled for sm_90 without spills at 2-4,
+# not yet timed; benchmarks/noise_robust_gpu.py --tune sweeps it on a GPU.
+PARTIALS_STAGES = 1
 
 _partials_plans: dict = {}
 
@@ -317,7 +320,7 @@ def _partials_plan(inputs: tuple, flags: dict) -> dict:
     highs = 1 << (num_sources - low_sources) if flags["USE_MIXIT"] else 1
     block_d = 32 * PARTIALS_WARPS * elements_per_thread
     kwargs = dict(NUM_SOURCES=num_sources, LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype),
-                  num_warps=PARTIALS_WARPS, **flags)
+                  LOOP_STAGES=PARTIALS_STAGES, num_warps=PARTIALS_WARPS, **flags)
     # One wave of equal programs, as the core op's partials (measured there); never more workers than tiles.
     stand_in = est.new_empty(0, dtype=row_loss_dtype(est.dtype))
     wave = programs_per_wave(_noise_robust_partials_kernel, (*inputs, stand_in, stand_in, length), kwargs, est.device)
