@@ -22,11 +22,6 @@ from nrt_kernels.bench import copy_bandwidth, time_cuda, time_cuda_graph
 from nrt_kernels.ops import mixit_l1 as op
 
 
-def device_ms(fn, rep_ms=100):
-    """Median ms of ``fn`` replayed from a CUDA graph: the kernels' time, not the host's (launch-bound here)."""
-    return time_cuda_graph(fn, rep_ms=rep_ms)
-
-
 # (elements per thread, warps, pipelined loop stages) of the forward sweep.
 FORWARD_TILES = ((1, 4, 1), (1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 1), (1, 8, 3), (2, 4, 1), (2, 4, 3))
 
@@ -44,7 +39,7 @@ def forward_sweep(est, mix, fwd_bytes, bandwidth):
             try:
                 row_loss, best = op.triton_forward(est, mix, "generalized")
                 same = torch.equal(best, expected_best) and torch.allclose(row_loss, expected_loss, rtol=1e-5, atol=0)
-                ms = device_ms(lambda: op.triton_forward(est, mix, "generalized"))
+                ms = time_cuda_graph(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=100)
                 rows.append(dict(key, forward_ms=ms, roofline=fwd_bytes / ms / 1e6 / bandwidth, same_result=same))
             except Exception as error:  # a shape that does not compile is reported, not fatal
                 rows.append(dict(key, error=str(error)[:100]))
@@ -61,7 +56,8 @@ def backward_sweep(est, mix, best, bwd_bytes, bandwidth):
         for warps in (4, 8, 16):
             op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block, warps
             try:
-                ms = device_ms(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False))
+                ms = time_cuda_graph(
+                    lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=100)
                 rows.append(dict(block=block, warps=warps, backward_ms=ms, roofline=bwd_bytes / ms / 1e6 / bandwidth))
             except Exception as error:
                 rows.append(dict(block=block, warps=warps, error=str(error)[:100]))
@@ -105,8 +101,8 @@ def main():
     print(f"forward plan: grid {plan['partials_grid']}, {programs_per_sm:.1f} programs per SM, "
           f"{plan['partials_kwargs']}")
     grad_rows = torch.full((batch,), 1.0 / batch, device=device)
-    forward = device_ms(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
-    backward = device_ms(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=200)
+    forward = time_cuda_graph(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
+    backward = time_cuda_graph(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=200)
     forward_eager = time_cuda(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
     leaf = est.clone().requires_grad_(True)
     issuing, total = host_ms_per_step(leaf, mix)

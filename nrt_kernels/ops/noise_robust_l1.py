@@ -325,7 +325,7 @@ def _partials_plan(inputs: tuple, flags: dict) -> dict:
     stand_in = est.new_empty(0, dtype=row_loss_dtype(est.dtype))
     wave = programs_per_wave(_noise_robust_partials_kernel, (*inputs, stand_in, stand_in, length), kwargs, est.device)
     num_workers = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
-    plan = dict(grid=(highs, num_workers, batch), kwargs=kwargs, num_workers=num_workers)
+    plan = dict(grid=(highs, num_workers, batch), kwargs=kwargs)
     _partials_plans[key] = plan
     return plan
 
@@ -339,7 +339,7 @@ def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, d
     inputs = (est, targets, teacher if flags["USE_TEACHER"] else est, pair_masks,
               source_weights if flags["SOURCE_WEIGHTED"] else est)
     plan = _partials_plan(inputs, flags)
-    num_workers = plan["num_workers"]
+    num_workers = plan["grid"][1]
     term_partials = torch.empty(batch, num_workers, 3, dtype=acc_dtype, device=est.device)
     # Without the MixIT term no partials are written: term_partials stands in as the (unused) pointer.
     mix_partials = (torch.empty(batch, num_workers, NUM_MIXTURES, 1 << num_sources, dtype=acc_dtype,
