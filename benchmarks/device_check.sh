@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared check for a session with a GPU: one device call, about 6-8 minutes on an H100 or H200.
+# The prepared check for a session with a GPU: one device call, its steps capped at 510 s in all (not yet run).
 #
 #   run tool: command "bash benchmarks/device_check.sh", timeout_s 560
 #
