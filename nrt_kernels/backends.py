@@ -31,6 +31,9 @@ BACKEND_MODULES = {
     # one GPU implementation of it to keep exact (README, "Backends").
     ("noise_robust_l1", "cuda"): "nrt_kernels.ops.noise_robust_l1.triton",
     ("noise_robust_l1", "cpu"): "nrt_kernels.ops.noise_robust_l1.cpu",
+    # MixIT with SI-SDR, SD-SDR, SNR, MSE or log-MSE (one Gram pass); the CUDA library computes only the L1.
+    ("mixit_gram", "triton"): "nrt_kernels.ops.mixit_gram.triton",
+    ("mixit_gram", "cpu"): "nrt_kernels.ops.mixit_gram.cpu",
 }
 
 
