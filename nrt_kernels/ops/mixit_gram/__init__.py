@@ -69,7 +69,7 @@ def metric_row_loss(stats: torch.Tensor, length: int, metric: str, zero_mean: bo
     """
     energy, cross, target_energy, est_sum, target_sum = stats.unbind(-1)
     if metric in ("mse", "log_mse"):
-        error = (energy - 2 * cross + target_energy).clamp(min=0)
+        error = _nonnegative(energy - 2 * cross + target_energy)
         per_mixture = error / length if metric == "mse" else 10 * torch.log10(error + tau * target_energy + eps)
         return per_mixture.mean(-1)
     if zero_mean:
@@ -83,8 +83,14 @@ def metric_row_loss(stats: torch.Tensor, length: int, metric: str, zero_mean: bo
         signal = scale * scale * target_energy
         noise = (energy - 2 * scale * cross + scale * scale * target_energy if metric == "sisdr"
                  else energy - 2 * cross + target_energy)
-    sdr = 10 * torch.log10(signal / (noise.clamp(min=0) + eps) + eps)
+    sdr = 10 * torch.log10(signal / (_nonnegative(noise) + eps) + eps)
     return -sdr.mean(-1)
+
+
+def _nonnegative(energy: torch.Tensor) -> torch.Tensor:
+    # An energy that rounds below 0 is 0.  `where`, not clamp: clamp's backward zeroes a NaN's gradient, where
+    # passes it on, so the gradient of a NaN row is NaN as the chosen candidate's own gradient is.
+    return torch.where(energy < 0, torch.zeros_like(energy), energy)
 
 
 def mixture_statistics(est_mixtures: torch.Tensor, mixtures: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ import triton.language as tl
 
 from ... import backends
 from ...assignments import candidate_masks, num_candidates
-from .._triton_launch import INTERPRETED, PlanCache, check_runnable, programs_per_wave
+from .. import _triton_launch
+from .._triton_launch import PlanCache, check_runnable, programs_per_wave
 from . import OP, STATISTICS
 
 # The index a lane holds before it has seen a candidate: above every real one (at most 65536).
@@ -251,6 +252,16 @@ def _finish_kernel(
 
 
 @triton.jit
+def _store_rounded(pointers, value, mask):
+    # float64 -> float16/bfloat16 through float32, as the C++ kernels convert (the interpreter's direct float64 ->
+    # bfloat16 cast is wrong); float64 is stored as it is.
+    if pointers.dtype.element_ty == tl.float64:
+        tl.store(pointers, value, mask=mask)
+    else:
+        tl.store(pointers, value.to(tl.float32).to(pointers.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gram_backward_kernel(
     coef_ptr, est_ptr, mix_ptr, masks_ptr, best_ptr, grad_est_ptr, grad_mix_ptr, D,
     NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -282,15 +293,14 @@ def _gram_backward_kernel(
     grad_est_row = grad_est_ptr + row.to(tl.int64) * NUM_SOURCES * D
     for s in tl.static_range(NUM_SOURCES):
         source_grad = tl.sum(tl.where((((masks >> s) & 1) != 0)[:, None], grad, 0.0), axis=0)
-        tl.store(grad_est_row + s * D + d, source_grad.to(grad_est_ptr.dtype.element_ty), mask=in_bounds)
+        _store_rounded(grad_est_row + s * D + d, source_grad, in_bounds)
     if MIXTURES_GRAD:
         c3 = tl.load(coef + 3, mask=real_mix, other=0.0)[:, None]
         c4 = tl.load(coef + 4, mask=real_mix, other=0.0)[:, None]
         c5 = tl.load(coef + 5, mask=real_mix, other=0.0)[:, None]
         grad_mix_row = grad_mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
-        tl.store(grad_mix_row + mixes[:, None] * D + d[None, :],
-                 (c3 * remix + c4 * mix + c5).to(grad_mix_ptr.dtype.element_ty),
-                 mask=real_mix[:, None] & in_bounds[None, :])
+        _store_rounded(grad_mix_row + mixes[:, None] * D + d[None, :], c3 * remix + c4 * mix + c5,
+                       real_mix[:, None] & in_bounds[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,12 +321,18 @@ class GramConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """``block_c`` candidates per search program.  Under the interpreter a program costs the same whatever its
-    size, so it takes larger blocks there (the tests search 65536 candidates)."""
+    """``block_c`` candidates per search program (the per-lane Gram sums of 128 candidates x 16 sources in float64
+    fit the registers of 4 warps; 512 spill); ``merge_lanes`` lanes merge a row's block winners."""
 
-    block_c: int = 128 if not INTERPRETED else 512
+    block_c: int = 128
     num_warps: int = 4
-    merge_lanes: int = 128 if not INTERPRETED else 4
+    merge_lanes: int = 128
+
+
+def default_search_config() -> SearchConfig:
+    # The interpreter runs a program's numpy operations at about the same cost whatever the block, and the tests
+    # search up to 65536 candidates: it takes large blocks (few lanes, so the tests still merge several per lane).
+    return SearchConfig(block_c=4096, merge_lanes=4) if _triton_launch.INTERPRETED else SearchConfig()
 
 
 @dataclass(frozen=True)
@@ -366,8 +382,9 @@ def _make_plan(est, mixtures, partitions, metric, zero_mean, eps, tau, gram_conf
 
 
 def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, metric: str, zero_mean: bool, eps: float,
-            tau: float, gram_config: GramConfig = GramConfig(), search_config: SearchConfig = SearchConfig()):
+            tau: float, gram_config: GramConfig = GramConfig(), search_config: SearchConfig | None = None):
     check_runnable(est)
+    search_config = search_config or default_search_config()
     key = (tuple(est.shape), mixtures.shape[1], est.dtype, est.device, partitions, metric, zero_mean, eps, tau,
            gram_config, search_config)
     plan = _plans.get(key, lambda: _make_plan(est, mixtures, partitions, metric, zero_mean, eps, tau, gram_config,
