@@ -12,10 +12,17 @@ Timing: 1 thread by default (the machine is shared); median of ``--rounds`` step
 uses the thread's CPU clock, the compute cost without the time other processes take the core away.  The fused
 SI-SDR and the L1 op alternate step by step, so a change in machine load reaches both alike; the loops (seconds per
 step) run back to back.
+
+Allocator: glibc returns a freed gradient-sized block (5.6 MB here) to the system and page-faults a fresh one in on
+the next allocation (1-2 ms on a VM, more than the kernels), and which of the alternating impls pays it depends on
+the order.  So the script sets glibc's mmap and trim thresholds (``mallopt``) to keep freed blocks for reuse, as a
+caching allocator would; ``--fresh-pages`` leaves glibc's defaults.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -57,6 +64,17 @@ def loop(metric):
     return lambda est, mixtures: reference.mixit_loss(est, mixtures, metric=metric)
 
 
+def reuse_freed_memory() -> bool:
+    """glibc: serve large allocations from the heap and never trim it (M_MMAP_THRESHOLD = 32 MiB, its maximum;
+    M_TRIM_THRESHOLD = 1 GiB).  Returns whether it could."""
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def time_ms(step, clock) -> float:
     begin = clock()
     step()
@@ -82,7 +100,9 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the thread's CPU clock")
+    parser.add_argument("--fresh-pages", action="store_true", help="leave glibc's allocator thresholds as they are")
     args = parser.parse_args()
+    reused = False if args.fresh_pages else reuse_freed_memory()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     metrics = args.metrics.split(",")
@@ -125,7 +145,8 @@ def main() -> int:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"B={SHAPE['batch']}, N={SHAPE['mixtures']}, C={SHAPE['channels']}, T={SHAPE['samples']}, float32, forward+"
           f"backward, median of {args.rounds} (loops {args.loop_rounds}) steps, "
-          f"{'thread CPU' if args.cpu_time else 'wall'} time")
+          f"{'thread CPU' if args.cpu_time else 'wall'} time, freed memory "
+          f"{'reused (mallopt)' if reused else 'returned to the system (glibc default)'}")
     print(f"  {'case':14s} {'impl':20s} {'median ms':>10s} {'vs loop':>9s}")
     for case, impl, value, speedup in rows:
         print(f"  {case:14s} {impl:20s} {value:10.3f} {'' if speedup is None else f'{speedup:8.1f}x':>9s}")

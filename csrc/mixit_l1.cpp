@@ -23,9 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("masks"), pybind11::arg("metric"), pybind11::arg("zero_mean"), pybind11::arg("eps"),
         pybind11::arg("tau"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "(est (B, M, D), mixtures (B, N, D), masks (P, N) int32, metric code, zero_mean, eps, tau) -> "
-        "(best (B,) int64, stats (B, N, 5) float64)");
-  m.def("mixit_gram_backward", &nrt_kernels::mixit_gram_backward_cpu, pybind11::arg("coefficients"),
-        pybind11::arg("est"), pybind11::arg("mixtures"), pybind11::arg("best"), pybind11::arg("masks"),
-        pybind11::arg("mixtures_grad"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "(coefficients (B, N, 6) float64, ...) -> (grad_est like est, grad_mixtures like mixtures or None)");
+        "(row_loss (B,), best (B,) int64, dloss (B, N, 5) float64)");
+  m.def("mixit_gram_backward", &nrt_kernels::mixit_gram_backward_cpu, pybind11::arg("grad_rows"),
+        pybind11::arg("dloss"), pybind11::arg("est"), pybind11::arg("mixtures"), pybind11::arg("best"),
+        pybind11::arg("masks"), pybind11::arg("mixtures_grad"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "-> (grad_est like est, grad_mixtures like mixtures or None)");
 }

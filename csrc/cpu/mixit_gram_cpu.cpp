@@ -6,11 +6,12 @@
 // float64).  Each pair accumulates in kLanes lanes, element d in lane d mod kLanes, so the order of additions is
 // fixed.  Stage 2 (per row) adds the tiles in increasing order; stage 3 (parallel over (row, block of
 // candidates)) scores every candidate from the Gram alone and keeps the first minimum, NaN first (torch.min);
-// the blocks are merged in order and the chosen candidate's statistics written.  Tiles and blocks are constants,
+// the blocks are merged in order, the minimum is the row loss, and its derivative with respect to the chosen
+// candidate's statistics is written for the backward.  Tiles and blocks are constants,
 // not derived from the thread count, so results are bitwise identical for any number of threads.
 //
-// Backward (parallel over (row, tile of D)): each mixture's remix in float64, then c0 r + c1 x + c2 for its
-// sources and c3 r + c4 x + c5 for the mixture, rounded once to the gradient's dtype.
+// Backward (parallel over (row, tile of D)): each mixture's remix r in float64, then g (2 dQ r + dX x + dS) for
+// its sources and g (dX r + 2 dXX x + dT) for the mixture, rounded once to the gradient's dtype.
 #include "mixit_gram_cpu.h"
 
 #include "../nrt_config.h"
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -45,8 +47,9 @@ constexpr int64_t kSearchBlock = 4096;
 constexpr int64_t kBackwardTile = 8192;
 constexpr int64_t kBackwardChunk = 512;
 constexpr int64_t kMaxSources = NRT_GRAM_MAX_SOURCES;
-constexpr int64_t kStatistics = 5;
-constexpr int64_t kCoefficients = 6;
+constexpr int64_t kStatistics = 5;  // Q, X, XX, S, T (nrt_kernels.ops.mixit_gram.STATISTICS)
+// 10 / ln 10: dB per neper, d(10 log10 v) = kDbPerNeper dv / v.
+constexpr double kDbPerNeper = 4.342944819032518276511289;
 
 // Runtime ISA dispatch, as in mixit_l1_cpu.cpp: AVX-512, AVX2 and baseline clones of the hot loops; the build's
 // -ffp-contract=off keeps every clone's arithmetic identical.
@@ -139,6 +142,106 @@ void gram_tile(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sou
   }
 }
 
+// Few signals (M + N <= kMaxRegisterSignals): every product and sum of an 8-element block stays in a vector
+// register (M = 4 sources and 2 mixtures: 21 products, 6 sums and 6 inputs of 8 doubles, the 32 AVX-512
+// registers), and the inputs are converted as they are loaded: one pass, no float64 copy.  GCC/Clang vector
+// types keep the accumulators in registers (plain arrays stay on the stack).
+constexpr int kMaxRegisterSignals = 6;
+constexpr int64_t kRegisterLanes = 8;
+typedef double Lanes8 __attribute__((vector_size(kRegisterLanes * sizeof(double))));
+
+// Eight elements from `src` as doubles; past `valid` (the end of the tile) zeros, which add nothing.
+template <typename scalar_t>
+inline Lanes8 load_lanes8(const scalar_t* src, int64_t valid) {
+  Lanes8 v = {};
+  for (int64_t l = 0; l < kRegisterLanes; ++l) v[l] = l < valid ? static_cast<double>(src[l]) : 0.0;
+  return v;
+}
+
+template <>
+inline Lanes8 load_lanes8<float>(const float* src, int64_t valid) {
+  typedef float Floats8 __attribute__((vector_size(kRegisterLanes * sizeof(float))));
+  Floats8 f = {};
+  if (valid == kRegisterLanes) {
+    std::memcpy(&f, src, sizeof(f));  // one vector load
+  } else {
+    for (int64_t l = 0; l < valid; ++l) f[l] = src[l];
+  }
+  return __builtin_convertvector(f, Lanes8);
+}
+
+template <>
+inline Lanes8 load_lanes8<double>(const double* src, int64_t valid) {
+  Lanes8 v = {};
+  if (valid == kRegisterLanes) {
+    std::memcpy(&v, src, sizeof(v));
+  } else {
+    for (int64_t l = 0; l < valid; ++l) v[l] = src[l];
+  }
+  return v;
+}
+
+// The register-blocked step over one block: the sums and products of its K signals.
+template <int K, typename scalar_t>
+inline void accumulate_block(const scalar_t* const* rows, int64_t e, int64_t valid, Lanes8* sums, Lanes8* products) {
+  Lanes8 v[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) v[k] = load_lanes8(rows[k] + e, valid);
+#pragma GCC unroll 8
+  for (int i = 0; i < K; ++i) {
+    sums[i] += v[i];
+#pragma GCC unroll 8
+    for (int j = i; j < K; ++j) products[i * K - i * (i - 1) / 2 + (j - i)] += v[i] * v[j];
+  }
+}
+
+template <int K, typename scalar_t>
+NRT_ISA_CLONES void gram_tile_registers(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources,
+                                        int64_t length, int64_t begin, int64_t end, double* partial) {
+  constexpr int kPairs = K * (K + 1) / 2;
+  constexpr int kSignals = K + 1;  // with the constant signal
+  const scalar_t* rows[K];
+  for (int k = 0; k < K; ++k) {
+    rows[k] = k < num_sources ? est_row + k * length + begin : mix_row + (k - num_sources) * length + begin;
+  }
+  Lanes8 products[kPairs] = {};
+  Lanes8 sums[K] = {};
+  const int64_t count = end - begin;
+  const int64_t full = count / kRegisterLanes * kRegisterLanes;
+  for (int64_t e = 0; e < full; e += kRegisterLanes) {
+    accumulate_block<K, scalar_t>(rows, e, kRegisterLanes, sums, products);
+  }
+  if (full < count) accumulate_block<K, scalar_t>(rows, full, count - full, sums, products);
+  for (int i = 0; i < K; ++i) {
+    for (int j = i; j < K; ++j) {
+      const Lanes8 pair = products[i * K - i * (i - 1) / 2 + (j - i)];
+      double total = 0.0;
+      for (int64_t l = 0; l < kRegisterLanes; ++l) total += pair[l];
+      partial[i * kSignals + j] = total;
+    }
+    double total = 0.0;
+    for (int64_t l = 0; l < kRegisterLanes; ++l) total += sums[i][l];
+    partial[i * kSignals + K] = total;
+  }
+  partial[K * kSignals + K] = static_cast<double>(count);
+}
+
+// The Gram of one (row, tile), register-blocked when the signals are few.
+template <typename scalar_t>
+void gram_tile_any(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources, int64_t num_mixtures,
+                   int64_t length, int64_t begin, int64_t end, double* workspace, double* partial) {
+  switch (num_sources + num_mixtures) {
+    case 2: return gram_tile_registers<2, scalar_t>(est_row, mix_row, num_sources, length, begin, end, partial);
+    case 3: return gram_tile_registers<3, scalar_t>(est_row, mix_row, num_sources, length, begin, end, partial);
+    case 4: return gram_tile_registers<4, scalar_t>(est_row, mix_row, num_sources, length, begin, end, partial);
+    case 5: return gram_tile_registers<5, scalar_t>(est_row, mix_row, num_sources, length, begin, end, partial);
+    case 6: return gram_tile_registers<6, scalar_t>(est_row, mix_row, num_sources, length, begin, end, partial);
+    default:
+      static_assert(kMaxRegisterSignals == 6, "one case per signal count up to kMaxRegisterSignals");
+      return gram_tile<scalar_t>(est_row, mix_row, num_sources, num_mixtures, length, begin, end, workspace, partial);
+  }
+}
+
 struct MetricParams {
   int64_t metric;
   bool zero_mean;
@@ -170,6 +273,62 @@ inline double metric_term(double energy, double cross, double target_energy, dou
   }
   noise = noise < 0.0 ? 0.0 : noise;
   return -10.0 * std::log10(signal / (noise + p.eps) + p.eps);
+}
+
+// d(metric_term)/d(Q, X, XX, S, T) into out[0..4]: the derivative autograd takes of metric_row_loss (an energy
+// clamped at 0 passes no gradient; a NaN passes on).  With a = Q, c = X, b = XX after centering, the SDRs are
+// -kDbPerNeper ln(rho + eps) with rho = signal / (noise + eps); the chain through the centering gives S and T.
+inline void metric_partials(double energy, double cross, double target_energy, double est_sum, double target_sum,
+                            const MetricParams& p, double* out) {
+  if (p.metric == NRT_METRIC_MSE || p.metric == NRT_METRIC_LOG_MSE) {
+    const double error = energy - 2.0 * cross + target_energy;
+    const double pass = error < 0.0 ? 0.0 : 1.0;
+    const double scale = p.metric == NRT_METRIC_MSE
+                             ? 1.0 / p.length
+                             : kDbPerNeper / ((error < 0.0 ? 0.0 : error) + p.tau * target_energy + p.eps);
+    out[0] = scale * pass;
+    out[1] = -2.0 * scale * pass;
+    out[2] = scale * pass + (p.metric == NRT_METRIC_MSE ? 0.0 : scale * p.tau);
+    out[3] = out[4] = 0.0;
+    return;
+  }
+  double a = energy, c = cross, b = target_energy;
+  if (p.zero_mean) {
+    a = a - est_sum * est_sum / p.length;
+    c = c - est_sum * target_sum / p.length;
+    b = b - target_sum * target_sum / p.length;
+  }
+  // signal and noise with their derivatives in c and b (d signal/da = 0, d noise/da = 1); SD-SDR's and SNR's noise
+  // is ||est - target||^2.
+  double signal, signal_c, signal_b;
+  double noise = a - 2.0 * c + b, noise_c = -2.0, noise_b = 1.0;
+  if (p.metric == NRT_METRIC_SNR) {
+    signal = b;
+    signal_c = 0.0;
+    signal_b = 1.0;
+  } else {
+    const double energy_eps = b + p.eps, scale = c / energy_eps;
+    signal = scale * scale * b;
+    signal_c = 2.0 * scale * b / energy_eps;
+    signal_b = scale * scale * (1.0 - 2.0 * b / energy_eps);
+    if (p.metric == NRT_METRIC_SISDR) {
+      noise = a - 2.0 * scale * c + scale * scale * b;
+      noise_c = -4.0 * scale + 2.0 * scale * b / energy_eps;
+      noise_b = scale * scale * (3.0 - 2.0 * b / energy_eps);
+    }
+  }
+  const double pass = noise < 0.0 ? 0.0 : 1.0;
+  const double denominator = (noise < 0.0 ? 0.0 : noise) + p.eps;
+  const double ratio = signal / denominator;
+  const double weight = -kDbPerNeper / ((ratio + p.eps) * denominator);
+  const double d_a = -weight * ratio * pass;
+  const double d_c = weight * (signal_c - ratio * pass * noise_c);
+  const double d_b = weight * (signal_b - ratio * pass * noise_b);
+  out[0] = d_a;
+  out[1] = d_c;
+  out[2] = d_b;
+  out[3] = p.zero_mean ? -(2.0 * est_sum * d_a + target_sum * d_c) / p.length : 0.0;
+  out[4] = p.zero_mean ? -(est_sum * d_c + 2.0 * target_sum * d_b) / p.length : 0.0;
 }
 
 // Q, X and S of the sources in `mask` from the row's Gram `g` (K x K, symmetric): Q = sum over i, j in the mask
@@ -224,7 +383,7 @@ Choice search_block(const double* g, const int32_t* masks, int64_t first, int64_
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::Tensor& masks, const MetricParams& p,
-                  at::Tensor& best, at::Tensor& stats) {
+                  at::Tensor& row_loss, at::Tensor& best, at::Tensor& dloss) {
   const int64_t batch = est.size(0), num_sources = est.size(1), length = est.size(2);
   const int64_t num_mixtures = mixtures.size(1), num_candidates = masks.size(0);
   const int64_t num_signals = num_sources + num_mixtures + 1, ones = num_sources + num_mixtures;
@@ -240,9 +399,9 @@ void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::T
     std::vector<double> workspace(static_cast<size_t>(width * kChunk + num_signals * width * kLanes));
     for (int64_t item = first; item < last; ++item) {
       const int64_t row = item / num_tiles, tile = item % num_tiles;
-      gram_tile<scalar_t>(est_data + row * num_sources * length, mix_data + row * num_mixtures * length,
-                          num_sources, num_mixtures, length, tile * kTile, std::min(length, (tile + 1) * kTile),
-                          workspace.data(), partials.data() + item * gram_size);
+      gram_tile_any<scalar_t>(est_data + row * num_sources * length, mix_data + row * num_mixtures * length,
+                              num_sources, num_mixtures, length, tile * kTile, std::min(length, (tile + 1) * kTile),
+                              workspace.data(), partials.data() + item * gram_size);
     }
   });
 
@@ -274,7 +433,7 @@ void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::T
   });
 
   int64_t* best_data = best.data_ptr<int64_t>();
-  double* stats_data = stats.data_ptr<double>();
+  double* dloss_data = dloss.data_ptr<double>();
   for (int64_t row = 0; row < batch; ++row) {
     Choice chosen = choices[row * num_blocks];
     for (int64_t block = 1; block < num_blocks && !std::isnan(chosen.loss); ++block) {
@@ -282,82 +441,94 @@ void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::T
       if (std::isnan(next.loss) || next.loss < chosen.loss) chosen = next;
     }
     best_data[row] = chosen.index;
+    // The row loss is the minimum the search found; float32 for float32/half inputs.
+    if (row_loss.scalar_type() == at::kDouble) {
+      row_loss.data_ptr<double>()[row] = chosen.loss;
+    } else {
+      row_loss.data_ptr<float>()[row] = static_cast<float>(chosen.loss);
+    }
     const double* g = grams.data() + row * gram_size;
     const int32_t* candidate = mask_data + chosen.index * num_mixtures;
     for (int64_t n = 0; n < num_mixtures; ++n) {
-      double* out = stats_data + (row * num_mixtures + n) * kStatistics;
-      subset_statistics(g, num_signals, num_sources + n, ones, static_cast<uint32_t>(candidate[n]), out[0], out[1],
-                        out[3]);
-      out[2] = g[(num_sources + n) * num_signals + num_sources + n];
-      out[4] = g[(num_sources + n) * num_signals + ones];
+      double energy, cross, est_sum;
+      subset_statistics(g, num_signals, num_sources + n, ones, static_cast<uint32_t>(candidate[n]), energy, cross,
+                        est_sum);
+      const double* gx = g + (num_sources + n) * num_signals;
+      double* out = dloss_data + (row * num_mixtures + n) * kStatistics;
+      metric_partials(energy, cross, gx[num_sources + n], est_sum, gx[ones], p, out);
+      for (int64_t k = 0; k < kStatistics; ++k) out[k] /= static_cast<double>(num_mixtures);
     }
   }
 }
 
-// Backward for one row over [begin, end): `work` is a [3 * num_mixtures][kBackwardChunk] workspace (remixes,
-// mixtures, gradients); grad_mix_row may be null.
+// Backward for one row over [begin, end): `coef` holds per mixture (c0..c5), every source of it getting
+// c0 r + c1 x + c2 and the mixture c3 r + c4 x + c5.  `remix` is a [num_mixtures][kBackwardChunk] float64
+// workspace, `grad` a [num_mixtures][kBackwardChunk] one of the gradient's dtype (each mixture's gradient is
+// rounded once and copied to its sources); grad_mix_row may be null.
+constexpr int64_t kCoefficients = 6;
+
 template <typename scalar_t>
 NRT_ISA_CLONES void linear_gradients(const scalar_t* est_row, const scalar_t* mix_row, const int64_t* owner,
                                      const double* coef, int64_t num_sources, int64_t num_mixtures, int64_t length,
-                                     int64_t begin, int64_t end, double* work, scalar_t* grad_est_row,
-                                     scalar_t* grad_mix_row) {
-  double* remix = work;
-  double* mix = work + num_mixtures * kBackwardChunk;
-  double* grad = mix + num_mixtures * kBackwardChunk;
+                                     int64_t begin, int64_t end, double* remix, scalar_t* grad,
+                                     scalar_t* grad_est_row, scalar_t* grad_mix_row) {
+  bool started[kMaxSources] = {};  // a mixture's remix starts as its first source (no zero fill)
   for (int64_t start = begin; start < end; start += kBackwardChunk) {
     const int64_t size = std::min(kBackwardChunk, end - start);
-    std::fill(remix, remix + num_mixtures * kBackwardChunk, 0.0);
+    std::fill(started, started + num_mixtures, false);
     for (int64_t s = 0; s < num_sources; ++s) {
       const scalar_t* __restrict__ x = est_row + s * length + start;
       double* __restrict__ r = remix + owner[s] * kBackwardChunk;
-      for (int64_t l = 0; l < size; ++l) r[l] += static_cast<double>(x[l]);
+      if (started[owner[s]]) {
+        for (int64_t l = 0; l < size; ++l) r[l] += static_cast<double>(x[l]);
+      } else {
+        for (int64_t l = 0; l < size; ++l) r[l] = static_cast<double>(x[l]);
+        started[owner[s]] = true;
+      }
     }
     for (int64_t n = 0; n < num_mixtures; ++n) {
+      double* __restrict__ r = remix + n * kBackwardChunk;
+      if (!started[n]) std::fill(r, r + size, 0.0);  // a mixture without sources
       const scalar_t* __restrict__ x = mix_row + n * length + start;
-      const double* __restrict__ r = remix + n * kBackwardChunk;
-      double* __restrict__ m = mix + n * kBackwardChunk;
-      double* __restrict__ g = grad + n * kBackwardChunk;
+      scalar_t* __restrict__ g = grad + n * kBackwardChunk;
       const double* c = coef + n * kCoefficients;
       const double c0 = c[0], c1 = c[1], c2 = c[2];
-      for (int64_t l = 0; l < size; ++l) {
-        m[l] = static_cast<double>(x[l]);
-        g[l] = c0 * r[l] + c1 * m[l] + c2;
+      for (int64_t l = 0; l < size; ++l) g[l] = static_cast<scalar_t>(c0 * r[l] + c1 * static_cast<double>(x[l]) + c2);
+      if (grad_mix_row != nullptr) {
+        scalar_t* __restrict__ out = grad_mix_row + n * length + start;
+        const double c3 = c[3], c4 = c[4], c5 = c[5];
+        for (int64_t l = 0; l < size; ++l) {
+          out[l] = static_cast<scalar_t>(c3 * r[l] + c4 * static_cast<double>(x[l]) + c5);
+        }
       }
     }
     for (int64_t s = 0; s < num_sources; ++s) {
-      const double* __restrict__ g = grad + owner[s] * kBackwardChunk;
-      scalar_t* __restrict__ out = grad_est_row + s * length + start;
-      for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(g[l]);
-    }
-    if (grad_mix_row != nullptr) {
-      for (int64_t n = 0; n < num_mixtures; ++n) {
-        const double* __restrict__ r = remix + n * kBackwardChunk;
-        const double* __restrict__ m = mix + n * kBackwardChunk;
-        scalar_t* __restrict__ out = grad_mix_row + n * length + start;
-        const double* c = coef + n * kCoefficients;
-        const double c3 = c[3], c4 = c[4], c5 = c[5];
-        for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(c3 * r[l] + c4 * m[l] + c5);
-      }
+      std::memcpy(grad_est_row + s * length + start, grad + owner[s] * kBackwardChunk,
+                  static_cast<size_t>(size) * sizeof(scalar_t));
     }
   }
 }
 
 template <typename scalar_t>
-void backward_impl(const at::Tensor& coefficients, const at::Tensor& est, const at::Tensor& mixtures,
-                   const at::Tensor& best, const at::Tensor& masks, at::Tensor& grad_est, at::Tensor* grad_mix) {
+void backward_impl(const at::Tensor& grad_rows, const at::Tensor& dloss, const at::Tensor& est,
+                   const at::Tensor& mixtures, const at::Tensor& best, const at::Tensor& masks, at::Tensor& grad_est,
+                   at::Tensor* grad_mix) {
   const int64_t batch = est.size(0), num_sources = est.size(1), length = est.size(2);
   const int64_t num_mixtures = mixtures.size(1);
   const int64_t num_tiles = ceil_div(length, kBackwardTile);
   const scalar_t* est_data = est.const_data_ptr<scalar_t>();
   const scalar_t* mix_data = mixtures.const_data_ptr<scalar_t>();
-  const double* coef_data = coefficients.const_data_ptr<double>();
+  const double* grad_data = grad_rows.const_data_ptr<double>();
+  const double* dloss_data = dloss.const_data_ptr<double>();
   const int64_t* best_data = best.const_data_ptr<int64_t>();
   const int32_t* mask_data = masks.const_data_ptr<int32_t>();
   scalar_t* grad_est_data = grad_est.data_ptr<scalar_t>();
   scalar_t* grad_mix_data = grad_mix != nullptr ? grad_mix->data_ptr<scalar_t>() : nullptr;
 
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<double> work(static_cast<size_t>(3 * num_mixtures * kBackwardChunk));
+    std::vector<double> remix(static_cast<size_t>(num_mixtures * kBackwardChunk));
+    std::vector<scalar_t> grad(static_cast<size_t>(num_mixtures * kBackwardChunk));
+    std::vector<double> coef(static_cast<size_t>(num_mixtures * kCoefficients));
     int64_t owner[kMaxSources] = {};
     for (int64_t item = first; item < last; ++item) {
       const int64_t row = item / num_tiles, tile = item % num_tiles;
@@ -366,11 +537,17 @@ void backward_impl(const at::Tensor& coefficients, const at::Tensor& est, const 
         for (int64_t s = 0; s < num_sources; ++s) {
           if ((candidate[n] >> s) & 1) owner[s] = n;
         }
+        // dQ/dr = 2 r, dX/dr = x, dS/dr = 1; dX/dx = r, dXX/dx = 2 x, dT/dx = 1.
+        const double* d = dloss_data + (row * num_mixtures + n) * kStatistics;
+        const double g = grad_data[row];
+        double* c = coef.data() + n * kCoefficients;
+        c[0] = g * 2.0 * d[0], c[1] = g * d[1], c[2] = g * d[3];
+        c[3] = g * d[1], c[4] = g * 2.0 * d[2], c[5] = g * d[4];
       }
       linear_gradients<scalar_t>(est_data + row * num_sources * length, mix_data + row * num_mixtures * length,
-                                 owner, coef_data + row * num_mixtures * kCoefficients, num_sources, num_mixtures,
+                                 owner, coef.data(), num_sources, num_mixtures,
                                  length, tile * kBackwardTile, std::min(length, (tile + 1) * kBackwardTile),
-                                 work.data(), grad_est_data + row * num_sources * length,
+                                 remix.data(), grad.data(), grad_est_data + row * num_sources * length,
                                  grad_mix_data != nullptr ? grad_mix_data + row * num_mixtures * length : nullptr);
     }
   });
@@ -397,34 +574,41 @@ void check_inputs(const at::Tensor& est, const at::Tensor& mixtures, const at::T
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> mixit_gram_forward_cpu(const at::Tensor& est_in, const at::Tensor& mixtures_in,
-                                                          const at::Tensor& masks_in, int64_t metric, bool zero_mean,
-                                                          double eps, double tau) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixit_gram_forward_cpu(const at::Tensor& est_in,
+                                                                      const at::Tensor& mixtures_in,
+                                                                      const at::Tensor& masks_in, int64_t metric,
+                                                                      bool zero_mean, double eps, double tau) {
   check_inputs(est_in, mixtures_in, masks_in);
   TORCH_CHECK(metric == NRT_METRIC_SISDR || metric == NRT_METRIC_SDSDR || metric == NRT_METRIC_SNR ||
                   metric == NRT_METRIC_MSE || metric == NRT_METRIC_LOG_MSE,
               "unknown metric code ", metric);
   const at::Tensor est = est_in.contiguous(), mixtures = mixtures_in.contiguous(), masks = masks_in.contiguous();
+  const auto loss_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty({est.size(0)}, est.options().dtype(loss_dtype));
   at::Tensor best = at::empty({est.size(0)}, est.options().dtype(at::kLong));
-  at::Tensor stats = at::empty({est.size(0), mixtures.size(1), kStatistics}, est.options().dtype(at::kDouble));
+  at::Tensor dloss = at::empty({est.size(0), mixtures.size(1), kStatistics}, est.options().dtype(at::kDouble));
   const MetricParams params{metric, zero_mean, static_cast<double>(est.size(2)), eps, tau};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "mixit_gram_forward_cpu", [&] {
-    forward_impl<scalar_t>(est, mixtures, masks, params, best, stats);
+    forward_impl<scalar_t>(est, mixtures, masks, params, row_loss, best, dloss);
   });
-  return {best, stats};
+  return {row_loss, best, dloss};
 }
 
-std::tuple<at::Tensor, at::Tensor> mixit_gram_backward_cpu(const at::Tensor& coefficients_in, const at::Tensor& est_in,
-                                                           const at::Tensor& mixtures_in, const at::Tensor& best_in,
-                                                           const at::Tensor& masks_in, bool mixtures_grad) {
+std::tuple<at::Tensor, at::Tensor> mixit_gram_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& dloss_in,
+                                                           const at::Tensor& est_in, const at::Tensor& mixtures_in,
+                                                           const at::Tensor& best_in, const at::Tensor& masks_in,
+                                                           bool mixtures_grad) {
   check_inputs(est_in, mixtures_in, masks_in);
   const at::Tensor est = est_in.contiguous(), mixtures = mixtures_in.contiguous(), masks = masks_in.contiguous();
-  const at::Tensor coefficients = coefficients_in.to(at::kDouble).contiguous();
+  const at::Tensor grad_rows = grad_rows_in.to(at::kDouble).contiguous();
+  const at::Tensor dloss = dloss_in.to(at::kDouble).contiguous();
   const at::Tensor best = best_in.to(at::kLong).contiguous();
-  TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == est.size(0) &&
-                  coefficients.size(1) == mixtures.size(1) && coefficients.size(2) == kCoefficients,
-              "coefficients must be (B, N, ", kCoefficients, "), got ", coefficients.sizes());
-  TORCH_CHECK(best.dim() == 1 && best.size(0) == est.size(0), "best must be (B,), got ", best.sizes());
+  TORCH_CHECK(dloss.dim() == 3 && dloss.size(0) == est.size(0) && dloss.size(1) == mixtures.size(1) &&
+                  dloss.size(2) == kStatistics,
+              "dloss must be (B, N, ", kStatistics, "), got ", dloss.sizes());
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == est.size(0) && best.dim() == 1 &&
+                  best.size(0) == est.size(0),
+              "grad_rows and best must be (B,), got ", grad_rows.sizes(), " and ", best.sizes());
   const int64_t* best_data = best.const_data_ptr<int64_t>();
   for (int64_t row = 0; row < best.size(0); ++row) {
     TORCH_CHECK(best_data[row] >= 0 && best_data[row] < masks.size(0), "best[", row, "] = ", best_data[row],
@@ -433,7 +617,8 @@ std::tuple<at::Tensor, at::Tensor> mixit_gram_backward_cpu(const at::Tensor& coe
   at::Tensor grad_est = at::empty_like(est);
   at::Tensor grad_mix = mixtures_grad ? at::empty_like(mixtures) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "mixit_gram_backward_cpu", [&] {
-    backward_impl<scalar_t>(coefficients, est, mixtures, best, masks, grad_est, mixtures_grad ? &grad_mix : nullptr);
+    backward_impl<scalar_t>(grad_rows, dloss, est, mixtures, best, masks, grad_est,
+                            mixtures_grad ? &grad_mix : nullptr);
   });
   return {grad_est, grad_mix};
 }

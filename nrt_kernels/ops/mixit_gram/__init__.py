@@ -13,14 +13,14 @@ Forward.  1. One pass over est and mixtures builds, per row, the Gram matrix of 
 ``[e_1..e_M, x_1..x_N, 1]`` (the constant signal gives the sums).  2. A search over every candidate of
 :mod:`nrt_kernels.assignments`, in tiles of candidates (no ``(B, P, N)`` tensor beyond a tile), scores each one from
 the Gram entries alone, O(N M^2) work per candidate whatever the signal length, and keeps the first minimum (NaN
-first, like ``torch.min``).  3. The chosen candidate's statistics ``(Q, X, XX, S, T)`` per mixture come back as a
-``(B, N, 5)`` float64 tensor, and :func:`metric_row_loss` turns them into the row loss in PyTorch: the returned loss
-is that one expression, which autograd (and torch.compile) differentiate like any other.
+first, like ``torch.min``).  3. The row loss is that minimum; with it the backend returns the derivative of the row
+loss with respect to the chosen candidate's statistics ``(Q, X, XX, S, T)`` per mixture, a ``(B, N, 5)`` float64
+tensor.  :func:`metric_row_loss` is the same metric written in PyTorch (the definition the kernels follow term for
+term, their derivative being what autograd takes of it; the tests hold them to it).
 
-Backward.  The op's only differentiable output is the statistics, and dQ/dr = 2 r, dX/dr = x, dS/dr = 1,
-dX/dx = r, dXX/dx = 2 x, dT/dx = 1: so each source of mixture ``n`` gets ``2 gQ r_n + gX x_n + gS`` and the mixture
-``gX r_n + 2 gXX x_n + gT`` (:func:`gram_coefficients`).  One pass reads est and mixtures and writes the gradients;
-the metric's own derivative (EPS, zero-mean, the log) is autograd's, through :func:`metric_row_loss`.
+Backward.  dQ/dr = 2 r, dX/dr = x, dS/dr = 1, dX/dx = r, dXX/dx = 2 x, dT/dx = 1: so every source of mixture ``n``
+gets ``g (2 dQ r_n + dX x_n + dS)`` and the mixture ``g (dX r_n + 2 dXX x_n + dT)``, ``g`` being the row's upstream
+gradient.  One pass reads est and mixtures and writes the gradients.
 
 Accuracy.  The Gram is accumulated in float64 from exact products: the product of two float32 (or float16 /
 bfloat16) values is exact in float64 (48 <= 53 significand bits), so only the float64 additions round.  A float32
@@ -38,10 +38,9 @@ to 1 + |loss|).  Exact ties (identical sources, integer-valued signals) resolve 
 reference, whenever the Gram sums are exact.
 
 Backends (``triton.py``, ``cpu.py``; the CUDA library computes only the L1) register ``forward(est, mixtures,
-partitions, metric, zero_mean, eps, tau) -> (best (B,) int64, stats (B, N, 5) float64)`` and ``backward(coefficients
-(B, N, 6) float64, est, mixtures, best, partitions, mixtures_grad) -> (grad_est, grad_mixtures or None)`` with
-:mod:`nrt_kernels.backends`, where ``grad_e = c0 r + c1 x + c2`` for every source of a mixture and
-``grad_x = c3 r + c4 x + c5``.
+partitions, metric, zero_mean, eps, tau) -> (row_loss (B,), best (B,) int64, dloss (B, N, 5) float64)`` and
+``backward(grad_rows, dloss, est, mixtures, best, partitions, mixtures_grad) -> (grad_est, grad_mixtures or None)``
+with :mod:`nrt_kernels.backends`.
 """
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ from .._operands import common_dtype, fused_operand, row_loss_dtype
 from ..mixit_l1 import finish
 
 OP = "mixit_gram"
-# The statistics of each (row, mixture) of the chosen candidate, in the order of the last dim of ``stats``.
+# The statistics of each (row, mixture) of the chosen candidate, in the order of the last dim of ``dloss``.
 STATISTICS = ("Q", "X", "XX", "S", "T")
 # Two candidates whose float64 losses differ by less than this (relative to 1 + |loss|) may be chosen either way:
 # 1e4 times the ~1e-13 by which the Gram's float64 evaluation and the float64 loop's differ.
@@ -95,28 +94,21 @@ def _nonnegative(energy: torch.Tensor) -> torch.Tensor:
 
 def mixture_statistics(est_mixtures: torch.Tensor, mixtures: torch.Tensor) -> torch.Tensor:
     """(B, N, 5) float64 statistics of remixed estimates against mixtures, in plain PyTorch (small inputs only:
-    :mod:`nrt_kernels.compat` checks a user's loss object with it)."""
+    :mod:`nrt_kernels.compat` checks a user's loss object with it, the tests the kernels' derivatives)."""
     est = est_mixtures.flatten(2).double()
     target = mixtures.flatten(2).double()
     return torch.stack([(est * est).sum(-1), (est * target).sum(-1), (target * target).sum(-1), est.sum(-1),
                         target.sum(-1)], dim=-1)
 
 
-def gram_coefficients(grad_stats: torch.Tensor) -> torch.Tensor:
-    """(B, N, 6) float64: the gradient of the statistics as ``grad_e = c0 r + c1 x + c2`` (every source of the
-    mixture) and ``grad_x = c3 r + c4 x + c5`` (the mixture)."""
-    g_energy, g_cross, g_target_energy, g_est_sum, g_target_sum = grad_stats.double().unbind(-1)
-    return torch.stack([2 * g_energy, g_cross, g_est_sum, g_cross, 2 * g_target_energy, g_target_sum],
-                       dim=-1).contiguous()
-
-
 @torch.library.custom_op("nrt_kernels::mixit_gram", mutates_args=())
 def mixit_gram(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, metric: str, zero_mean: bool, eps: float,
-               tau: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+               tau: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best candidate of every row for a Gram metric, contiguous (B, M, D) est against (B, N, D) mixtures.
 
-    Returns ``(best, stats)``: ``best`` (B,) int64, the chosen candidate in ``nrt_kernels.assignments`` order, and
-    ``stats`` (B, N, 5) float64, its :data:`STATISTICS` per mixture (see :func:`metric_row_loss`).
+    Returns ``(row_loss, best, dloss)``: ``row_loss`` (B,) float32 (float64 for float64 input), ``best`` (B,) int64,
+    the chosen candidate in ``nrt_kernels.assignments`` order, and ``dloss`` (B, N, 5) float64, the derivative of
+    the row loss with respect to the chosen candidate's :data:`STATISTICS` per mixture.
     """
     return backends.lookup(OP, impl).forward(est, mixtures, partitions, metric, zero_mean, eps, tau)
 
@@ -124,37 +116,38 @@ def mixit_gram(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, metri
 @mixit_gram.register_fake
 def _mixit_gram_fake(est, mixtures, partitions, metric, zero_mean, eps, tau, impl):
     batch, num_mixtures = est.shape[0], mixtures.shape[1]
-    return (est.new_empty(batch, dtype=torch.int64),
+    return (est.new_empty(batch, dtype=row_loss_dtype(est.dtype)), est.new_empty(batch, dtype=torch.int64),
             est.new_empty(batch, num_mixtures, len(STATISTICS), dtype=torch.float64))
 
 
 @torch.library.custom_op("nrt_kernels::mixit_gram_backward", mutates_args=())
-def mixit_gram_backward(grad_stats: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor, best: torch.Tensor,
-                        partitions: str, impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of est (and of the mixtures when ``mixtures_grad``, else empty) from those of ``stats``."""
-    grad_est, grad_mix = backends.lookup(OP, impl).backward(gram_coefficients(grad_stats), est, mixtures, best,
+def mixit_gram_backward(grad_rows: torch.Tensor, dloss: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor,
+                        best: torch.Tensor, partitions: str, impl: str,
+                        mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``mixit_gram``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
+    grad_est, grad_mix = backends.lookup(OP, impl).backward(grad_rows.contiguous(), dloss, est, mixtures, best,
                                                             partitions, mixtures_grad)
     return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
 
 
 @mixit_gram_backward.register_fake
-def _mixit_gram_backward_fake(grad_stats, est, mixtures, best, partitions, impl, mixtures_grad):
+def _mixit_gram_backward_fake(grad_rows, dloss, est, mixtures, best, partitions, impl, mixtures_grad):
     return torch.empty_like(est), torch.empty_like(mixtures) if mixtures_grad else mixtures.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
     est, mixtures, partitions, *_, impl = inputs
-    best, _ = output
-    ctx.save_for_backward(est, mixtures, best)
+    _, best, dloss = output
+    ctx.save_for_backward(est, mixtures, best, dloss)
     ctx.partitions = partitions
     ctx.impl = impl
-    ctx.mark_non_differentiable(best)
+    ctx.mark_non_differentiable(best, dloss)
 
 
-def _backward(ctx, _grad_best, grad_stats):
-    est, mixtures, best = ctx.saved_tensors
+def _backward(ctx, grad_rows, _grad_best, _grad_dloss):
+    est, mixtures, best, dloss = ctx.saved_tensors
     mixtures_grad = ctx.needs_input_grad[1]
-    grad_est, grad_mix = mixit_gram_backward(grad_stats, est, mixtures, best, ctx.partitions, ctx.impl,
+    grad_est, grad_mix = mixit_gram_backward(grad_rows, dloss, est, mixtures, best, ctx.partitions, ctx.impl,
                                              mixtures_grad)
     return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None,
             None, None, None, None, None, None)
@@ -171,8 +164,7 @@ def mixit_gram_loss(est, mixtures, impl: str, *, metric: str, options, partition
     zero_mean = bool(options.zero_mean)
     eps = options.eps if options.eps is not None else 0.0
     tau = 10.0 ** (-options.max_snr / 10.0) if options.max_snr is not None else 0.0
-    flat_est, flat_mix = fused_operand(est, dtype), fused_operand(mixtures, dtype)
-    best, stats = mixit_gram(flat_est, flat_mix, partitions, metric, zero_mean, eps, tau, impl)
-    row_loss = metric_row_loss(stats, flat_est.shape[2], metric, zero_mean, eps, tau).to(row_loss_dtype(dtype))
+    row_loss, best, _ = mixit_gram(fused_operand(est, dtype), fused_operand(mixtures, dtype), partitions, metric,
+                                   zero_mean, eps, tau, impl)
     return finish(row_loss, best, est, mixtures.shape[1], partitions=partitions, reduction=reduction,
                   return_est=return_est, return_assignment=return_assignment)

@@ -16,9 +16,9 @@ def forward(est, mixtures, partitions: str, metric: str, zero_mean: bool, eps: f
     return _extension.mixit_gram_forward(est, mixtures, masks, GRAM_METRIC_CODES[metric], zero_mean, eps, tau)
 
 
-def backward(coefficients, est, mixtures, best, partitions: str, mixtures_grad: bool):
+def backward(grad_rows, dloss, est, mixtures, best, partitions: str, mixtures_grad: bool):
     masks = candidate_masks(est.shape[1], mixtures.shape[1], partitions)
-    return _extension.mixit_gram_backward(coefficients, est, mixtures, best, masks, mixtures_grad)
+    return _extension.mixit_gram_backward(grad_rows, dloss, est, mixtures, best, masks, mixtures_grad)
 
 
 backends.register(OP, "cpu", backends.Kernel(forward, backward))

@@ -13,11 +13,11 @@ Forward, per call (est ``(B, M, D)``, mixtures ``(B, N, D)``, flattened and cont
    run) into the symmetric (B, K, K) Gram.
 3. ``_search_kernel``, grid (blocks, B): a program scores ``block_c`` candidates from the Gram alone (per mixture
    ``Q``, ``X``, ``S`` are masked sums of Gram entries) and keeps the first minimum of its block (NaN first).
-4. ``_finish_kernel``, grid (B,): merges the blocks in candidate order and writes ``best`` and the chosen
-   candidate's statistics (B, N, 5).
+4. ``_finish_kernel``, grid (B,): merges the blocks in candidate order and writes the row loss (the minimum),
+   ``best`` and the derivative of the row loss with respect to the chosen candidate's statistics (B, N, 5).
 
-Backward: ``_gram_backward_kernel``, grid (tiles, B), reads est and mixtures once, forms each mixture's remix in
-float64 and writes ``c0 r + c1 x + c2`` to its sources (``c3 r + c4 x + c5`` to the mixture).
+Backward: ``_gram_backward_kernel``, grid (tiles, B), reads est and mixtures once, forms each mixture's remix ``r``
+in float64 and writes ``g (2 dQ r + dX x + dS)`` to its sources (``g (dX r + 2 dXX x + dT)`` to the mixture).
 
 Scalars the kernels use in float64 (signal length, eps, tau, ln 10) travel in a small float64 tensor kept in the
 launch plan: Triton passes Python floats as float32, which would round eps and tau.
@@ -34,6 +34,7 @@ import triton.language as tl
 from ... import backends
 from ...assignments import candidate_masks, num_candidates
 from .. import _triton_launch
+from .._operands import row_loss_dtype
 from .._triton_launch import PlanCache, check_runnable, programs_per_wave
 from . import OP, STATISTICS
 
@@ -144,6 +145,67 @@ def _metric_term(energy, cross, target_energy, est_sum, target_sum, length, eps,
 
 
 @triton.jit
+def _metric_partials(energy, cross, target_energy, est_sum, target_sum, length, eps, tau, ln10,
+                     METRIC: tl.constexpr, ZERO_MEAN: tl.constexpr):
+    """d(_metric_term)/d(Q, X, XX, S, T): mixit_gram_cpu.cpp's metric_partials, term for term (the derivative
+    autograd takes of metric_row_loss: an energy clamped at 0 passes no gradient, a NaN passes on)."""
+    zero = tl.zeros(energy.shape, tl.float64)
+    if METRIC == "mse" or METRIC == "log_mse":
+        error = energy - 2.0 * cross + target_energy
+        passes = tl.where(error < 0, 0.0, 1.0)
+        if METRIC == "mse":
+            scale = zero + 1.0 / length
+            extra = zero
+        else:
+            scale = 10.0 / ln10 / (tl.where(error < 0, 0.0, error) + tau * target_energy + eps)
+            extra = scale * tau
+        d_energy = scale * passes
+        d_cross = -2.0 * scale * passes
+        d_target_energy = scale * passes + extra
+        d_est_sum = zero
+        d_target_sum = zero
+    else:
+        a = energy
+        c = cross
+        b = target_energy
+        if ZERO_MEAN:
+            a = a - est_sum * est_sum / length
+            c = c - est_sum * target_sum / length
+            b = b - target_sum * target_sum / length
+        noise = a - 2.0 * c + b
+        noise_c = zero - 2.0
+        noise_b = zero + 1.0
+        if METRIC == "snr":
+            signal = b
+            signal_c = zero
+            signal_b = zero + 1.0
+        else:
+            energy_eps = b + eps
+            scale = c / energy_eps
+            signal = scale * scale * b
+            signal_c = 2.0 * scale * b / energy_eps
+            signal_b = scale * scale * (1.0 - 2.0 * b / energy_eps)
+            if METRIC == "sisdr":
+                noise = a - 2.0 * scale * c + scale * scale * b
+                noise_c = -4.0 * scale + 2.0 * scale * b / energy_eps
+                noise_b = scale * scale * (3.0 - 2.0 * b / energy_eps)
+        passes = tl.where(noise < 0, 0.0, 1.0)
+        denominator = tl.where(noise < 0, 0.0, noise) + eps
+        ratio = signal / denominator
+        weight = -10.0 / ln10 / ((ratio + eps) * denominator)
+        d_energy = -weight * ratio * passes
+        d_cross = weight * (signal_c - ratio * passes * noise_c)
+        d_target_energy = weight * (signal_b - ratio * passes * noise_b)
+        if ZERO_MEAN:
+            d_est_sum = -(2.0 * est_sum * d_energy + target_sum * d_cross) / length
+            d_target_sum = -(est_sum * d_cross + 2.0 * target_sum * d_target_energy) / length
+        else:
+            d_est_sum = zero
+            d_target_sum = zero
+    return d_energy, d_cross, d_target_energy, d_est_sum, d_target_sum
+
+
+@triton.jit
 def _search_kernel(
     gram_ptr, masks_ptr, params_ptr, block_loss_ptr, block_cand_ptr, num_candidates,
     NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, SOURCE_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -194,9 +256,9 @@ def _search_kernel(
 
 @triton.jit
 def _finish_kernel(
-    gram_ptr, masks_ptr, block_loss_ptr, block_cand_ptr, best_ptr, stats_ptr, num_blocks,
+    gram_ptr, masks_ptr, params_ptr, block_loss_ptr, block_cand_ptr, row_loss_ptr, best_ptr, dloss_ptr, num_blocks,
     NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr, SOURCE_PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, NUM_STATISTICS: tl.constexpr,
+    BLOCK_B: tl.constexpr, NUM_STATISTICS: tl.constexpr, METRIC: tl.constexpr, ZERO_MEAN: tl.constexpr,
 ):
     row = tl.program_id(0)
     NUM_SIGNALS: tl.constexpr = NUM_SOURCES + NUM_MIXTURES + 1
@@ -223,10 +285,12 @@ def _finish_kernel(
     first_nan = tl.min(tl.where(seen_nan, lane_cand, _NO_CANDIDATE), axis=0)
     min_loss = tl.min(tl.where(seen_nan, float("inf"), lane_loss), axis=0)
     first_min = tl.min(tl.where(~seen_nan & (lane_loss == min_loss), lane_cand, _NO_CANDIDATE), axis=0)
-    best = tl.where(first_nan != _NO_CANDIDATE, first_nan, first_min)
+    has_nan = first_nan != _NO_CANDIDATE
+    best = tl.where(has_nan, first_nan, first_min)
     tl.store(best_ptr + row, best.to(tl.int64))
+    tl.store(row_loss_ptr + row, tl.where(has_nan, float("nan"), min_loss).to(row_loss_ptr.dtype.element_ty))
 
-    # The chosen candidate's statistics, one lane per mixture.
+    # The derivative of the row loss with respect to the chosen candidate's statistics, one lane per mixture.
     mixes = tl.arange(0, MIX_PAD)
     real_mix = mixes < NUM_MIXTURES
     sources = tl.arange(0, SOURCE_PAD)
@@ -243,12 +307,15 @@ def _finish_kernel(
     target_energy = tl.load(gram_row + (NUM_SOURCES + mixes) * NUM_SIGNALS + NUM_SOURCES + mixes, mask=real_mix,
                             other=0.0)
     target_sum = tl.load(gram_row + (NUM_SOURCES + mixes) * NUM_SIGNALS + ONES, mask=real_mix, other=0.0)
-    out = stats_ptr + (row * NUM_MIXTURES + mixes) * NUM_STATISTICS
-    tl.store(out, energy, mask=real_mix)
-    tl.store(out + 1, cross, mask=real_mix)
-    tl.store(out + 2, target_energy, mask=real_mix)
-    tl.store(out + 3, est_sum, mask=real_mix)
-    tl.store(out + 4, target_sum, mask=real_mix)
+    d_energy, d_cross, d_target_energy, d_est_sum, d_target_sum = _metric_partials(
+        energy, cross, target_energy, est_sum, target_sum, tl.load(params_ptr), tl.load(params_ptr + 1),
+        tl.load(params_ptr + 2), tl.load(params_ptr + 3), METRIC, ZERO_MEAN)
+    out = dloss_ptr + (row * NUM_MIXTURES + mixes) * NUM_STATISTICS
+    tl.store(out, d_energy / NUM_MIXTURES, mask=real_mix)
+    tl.store(out + 1, d_cross / NUM_MIXTURES, mask=real_mix)
+    tl.store(out + 2, d_target_energy / NUM_MIXTURES, mask=real_mix)
+    tl.store(out + 3, d_est_sum / NUM_MIXTURES, mask=real_mix)
+    tl.store(out + 4, d_target_sum / NUM_MIXTURES, mask=real_mix)
 
 
 @triton.jit
@@ -263,7 +330,7 @@ def _store_rounded(pointers, value, mask):
 
 @triton.jit
 def _gram_backward_kernel(
-    coef_ptr, est_ptr, mix_ptr, masks_ptr, best_ptr, grad_est_ptr, grad_mix_ptr, D,
+    grad_rows_ptr, dloss_ptr, est_ptr, mix_ptr, masks_ptr, best_ptr, grad_est_ptr, grad_mix_ptr, D,
     NUM_SOURCES: tl.constexpr, NUM_MIXTURES: tl.constexpr, MIX_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     MIXTURES_GRAD: tl.constexpr,
 ):
@@ -284,22 +351,24 @@ def _gram_backward_kernel(
         remix += tl.where((((masks >> s) & 1) != 0)[:, None], x[None, :], 0.0)
     mix = tl.load(mix_row + mixes[:, None] * D + d[None, :], mask=real_mix[:, None] & in_bounds[None, :],
                   other=0.0).to(tl.float64)
-    coef = coef_ptr + (row * NUM_MIXTURES + mixes) * 6
-    c0 = tl.load(coef, mask=real_mix, other=0.0)[:, None]
-    c1 = tl.load(coef + 1, mask=real_mix, other=0.0)[:, None]
-    c2 = tl.load(coef + 2, mask=real_mix, other=0.0)[:, None]
-    grad = c0 * remix + c1 * mix + c2
+    # dQ/dr = 2 r, dX/dr = x, dS/dr = 1; dX/dx = r, dXX/dx = 2 x, dT/dx = 1.
+    upstream = tl.load(grad_rows_ptr + row).to(tl.float64)
+    dloss = dloss_ptr + (row * NUM_MIXTURES + mixes) * 5
+    d_energy = tl.load(dloss, mask=real_mix, other=0.0)[:, None] * upstream
+    d_cross = tl.load(dloss + 1, mask=real_mix, other=0.0)[:, None] * upstream
+    d_est_sum = tl.load(dloss + 3, mask=real_mix, other=0.0)[:, None] * upstream
+    grad = 2.0 * d_energy * remix + d_cross * mix + d_est_sum
 
     grad_est_row = grad_est_ptr + row.to(tl.int64) * NUM_SOURCES * D
     for s in tl.static_range(NUM_SOURCES):
         source_grad = tl.sum(tl.where((((masks >> s) & 1) != 0)[:, None], grad, 0.0), axis=0)
         _store_rounded(grad_est_row + s * D + d, source_grad, in_bounds)
     if MIXTURES_GRAD:
-        c3 = tl.load(coef + 3, mask=real_mix, other=0.0)[:, None]
-        c4 = tl.load(coef + 4, mask=real_mix, other=0.0)[:, None]
-        c5 = tl.load(coef + 5, mask=real_mix, other=0.0)[:, None]
+        d_target_energy = tl.load(dloss + 2, mask=real_mix, other=0.0)[:, None] * upstream
+        d_target_sum = tl.load(dloss + 4, mask=real_mix, other=0.0)[:, None] * upstream
         grad_mix_row = grad_mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
-        _store_rounded(grad_mix_row + mixes[:, None] * D + d[None, :], c3 * remix + c4 * mix + c5,
+        _store_rounded(grad_mix_row + mixes[:, None] * D + d[None, :],
+                       d_cross * remix + 2.0 * d_target_energy * mix + d_target_sum,
                        real_mix[:, None] & in_bounds[None, :])
 
 
@@ -375,7 +444,7 @@ def _make_plan(est, mixtures, partitions, metric, zero_mean, eps, tau, gram_conf
         search_kwargs=dict(**common, BLOCK_C=block_c, METRIC=metric, ZERO_MEAN=zero_mean,
                            num_warps=search_config.num_warps),
         finish_kwargs=dict(**common, MIX_PAD=triton.next_power_of_2(num_mixtures), BLOCK_B=search_config.merge_lanes,
-                           NUM_STATISTICS=len(STATISTICS), num_warps=4),
+                           NUM_STATISTICS=len(STATISTICS), METRIC=metric, ZERO_MEAN=zero_mean, num_warps=4),
         # float64 scalars for the kernels (length, eps, tau, ln 10), made once per plan (never during graph capture).
         params=torch.tensor([float(length), eps, tau, math.log(10.0)], dtype=torch.float64, device=est.device),
     )
@@ -401,14 +470,15 @@ def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, metric: 
     block_cand = torch.empty(batch, plan["num_blocks"], dtype=torch.int32, device=device)
     _search_kernel[(plan["num_blocks"], batch)](gram, masks, plan["params"], block_loss, block_cand, plan["count"],
                                                 **plan["search_kwargs"])
+    row_loss = torch.empty(batch, dtype=row_loss_dtype(est.dtype), device=device)
     best = torch.empty(batch, dtype=torch.int64, device=device)
-    stats = torch.empty(batch, num_mixtures, len(STATISTICS), dtype=torch.float64, device=device)
-    _finish_kernel[(batch,)](gram, masks, block_loss, block_cand, best, stats, plan["num_blocks"],
-                             **plan["finish_kwargs"])
-    return best, stats
+    dloss = torch.empty(batch, num_mixtures, len(STATISTICS), dtype=torch.float64, device=device)
+    _finish_kernel[(batch,)](gram, masks, plan["params"], block_loss, block_cand, row_loss, best, dloss,
+                             plan["num_blocks"], **plan["finish_kwargs"])
+    return row_loss, best, dloss
 
 
-def backward(coefficients, est, mixtures, best, partitions: str, mixtures_grad: bool,
+def backward(grad_rows, dloss, est, mixtures, best, partitions: str, mixtures_grad: bool,
              config: BackwardConfig = BackwardConfig()):
     check_runnable(est)
     batch, num_sources, length = est.shape
@@ -416,7 +486,7 @@ def backward(coefficients, est, mixtures, best, partitions: str, mixtures_grad: 
     grad_est = torch.empty_like(est)
     grad_mix = torch.empty_like(mixtures) if mixtures_grad else None
     _gram_backward_kernel[(triton.cdiv(length, config.block_d), batch)](
-        coefficients, est, mixtures, candidate_masks(num_sources, num_mixtures, partitions, est.device), best,
+        grad_rows, dloss, est, mixtures, candidate_masks(num_sources, num_mixtures, partitions, est.device), best,
         grad_est, grad_mix if mixtures_grad else grad_est, length,
         NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures, MIX_PAD=triton.next_power_of_2(num_mixtures),
         BLOCK_D=config.block_d, MIXTURES_GRAD=mixtures_grad, num_warps=config.num_warps,
