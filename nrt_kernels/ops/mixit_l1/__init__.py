@@ -78,12 +78,25 @@ def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> tor
     return torch.stack([torch.where(chosen == n, est, zero).sum(1) for n in range(num_mixtures)], dim=1)
 
 
+# The table lookup is an op of its own: under dynamic shapes the source and mixture counts are symbolic, and the
+# (constant) tables can only be built from concrete ints, which the op's body receives.
+@torch.library.custom_op("nrt_kernels::best_assignment", mutates_args=())
+def best_assignment(best: torch.Tensor, num_sources: int, num_mixtures: int, partitions: str) -> torch.Tensor:
+    """(B, M) int64: the mixture that each row's chosen candidate ``best`` (B,) gives every source."""
+    return candidate_assignments(num_sources, num_mixtures, partitions, best.device)[best]
+
+
+@best_assignment.register_fake
+def _best_assignment_fake(best, num_sources, num_mixtures, partitions):
+    return best.new_empty(best.shape[0], num_sources)
+
+
 def finish(row_loss, best, est, num_mixtures, *, partitions, reduction, return_est, return_assignment):
     """Reduce the per-row best losses and append the requested extras, in the documented order."""
     loss = row_loss.mean() if reduction == "mean" else row_loss
     if not (return_est or return_assignment):
         return loss
-    assignment = candidate_assignments(est.shape[1], num_mixtures, partitions, est.device)[best]
+    assignment = best_assignment(best, est.shape[1], num_mixtures, partitions)
     outputs = [loss]
     if return_est:
         outputs.append(remix(est, assignment, num_mixtures))

@@ -1,0 +1,67 @@
+"""Regression tests for the defects an adversarial pass over the public API found (issue 11), one test per defect,
+each over every impl that runs here (reference, cpu, Triton under the interpreter).  Defect 5 (iSeparate's stem
+split in the compat modules) is tested in test_compat_noise_robust.py beside its transcription of iSeparate."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from tolerances import LOSS_TOLERANCE
+
+import nrt_kernels
+from nrt_kernels import backends, compat, reference
+from nrt_kernels.assignments import candidate_assignments
+
+IMPLS = ["reference", "cpu", "triton"]
+FUSED = ["cpu", "triton"]
+
+
+def require(impl):
+    try:
+        backends.resolve("mixit_l1", impl, "cpu")
+    except backends.BackendUnavailable as error:  # the C++ extension could not be built here
+        pytest.skip(str(error))
+
+
+def sources_and_mixtures(batch=2, sources=4, trailing=(2, 9), dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, sources, *trailing, generator=gen, dtype=dtype),
+            torch.randn(batch, 2, *trailing, generator=gen, dtype=dtype))
+
+
+def noise_robust_inputs(batch=2, sources=4, trailing=(2, 9), dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    est, targets, teacher = (torch.randn(batch, sources, *trailing, generator=gen, dtype=dtype) for _ in range(3))
+    return est, targets, teacher, torch.randperm(sources, generator=gen)
+
+
+# 1 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dynamic", [True, None])
+@pytest.mark.parametrize("impl", FUSED)  # the reference reads the chosen candidates on the host: not traceable
+def test_dynamic_shape_compile_returns_est_and_assignment(impl, dynamic):
+    require(impl)
+    wrapper = compat.MixITLossWrapper("l1", impl=impl)
+
+    def step(est, mixtures):
+        loss, est_mixtures, assignment = nrt_kernels.mixit_loss(est, mixtures, return_est=True,
+                                                                 return_assignment=True, impl=impl)
+        compat_loss, compat_mixtures = wrapper(est, mixtures, return_est=True)
+        return loss, est_mixtures, assignment, compat_loss, compat_mixtures
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    # With the default `dynamic`, the second call recompiles with symbolic sizes: the source count among them.
+    for sources, length in [(4, 6), (3, 6), (3, 11), (5, 11)]:
+        est, mixtures = sources_and_mixtures(sources=sources, trailing=(length,), seed=sources + length)
+        est.requires_grad_(True)
+        got = compiled(est, mixtures)
+        want = step(est, mixtures)
+        for name, a, b in zip(("loss", "est", "assignment", "compat loss", "compat est"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+        (grad,) = torch.autograd.grad(got[0] + got[1].sum(), est)
+        (want_grad,) = torch.autograd.grad(want[0] + want[1].sum(), est)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    best = torch.tensor([5, 0, 15])
+    torch.library.opcheck(torch.ops.nrt_kernels.best_assignment.default, (best, 4, 2, "generalized"))
