@@ -86,8 +86,9 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
         source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
         return_terms: also return ``{term name: detached value}`` of the computed terms.
         impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the C++ MixIT op with
-            the other terms in PyTorch) or "reference".  Targets or teacher targets that require grad take the
-            composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates them too.
+            the other terms in PyTorch) or "reference".  Targets, teacher targets or source weights that require
+            grad take the composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates
+            them too.
 
     Under DistributedDataParallel each process's loss is the mean over its own shard; with equal shards DDP's
     gradient averaging gives exactly the gradient of the full-batch loss (tests/test_ddp.py).  The default
@@ -110,8 +111,10 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
     rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
     implementation = backends.lookup(noise_robust_op.OP, backend)
-    target_grad = targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
-    if isinstance(implementation, Composition) or (target_grad and torch.is_grad_enabled()):
+    # The fused kernels differentiate est only; autograd differentiates the composition in everything else.
+    other_grad = (targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
+                  or (isinstance(source_weights, torch.Tensor) and source_weights.requires_grad))
+    if isinstance(implementation, Composition) or (other_grad and torch.is_grad_enabled()):
         loss, terms = composed_loss(est, targets, teacher_targets, active, rows, divisor, source_weights, backend)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
 

@@ -65,3 +65,24 @@ def test_dynamic_shape_compile_returns_est_and_assignment(impl, dynamic):
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
     best = torch.tensor([5, 0, 15])
     torch.library.opcheck(torch.ops.nrt_kernels.best_assignment.default, (best, 4, 2, "generalized"))
+
+
+# 2 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version,weights", [("v1", [1, 2, 1]), ("v2", [0.5, 0.5, 2, 0.5])])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_source_weights_requiring_grad_get_their_gradient(impl, version, weights):
+    require(impl)
+    est, targets, teacher, pairing = noise_robust_inputs(seed=2)
+    kwargs = dict(version=version, weights=weights, teacher_targets=teacher, pairing=pairing)
+
+    def loss_and_grads(fn, **extra):
+        leaf = est.clone().requires_grad_(True)
+        source_weights = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64, requires_grad=True)
+        loss = fn(leaf, targets, source_weights=source_weights, **kwargs, **extra)
+        return (loss, *torch.autograd.grad(loss, (leaf, source_weights)))
+
+    got = loss_and_grads(nrt_kernels.noise_robust_loss, impl=impl)
+    want = loss_and_grads(reference.noise_robust_loss)
+    for name, a, b in zip(("loss", "est grad", "source_weights grad"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=name)
+    assert want[2].abs().sum() > 0
