@@ -1,6 +1,7 @@
 """Input checks shared by every backend: one copy, so every path fails the same way."""
 from __future__ import annotations
 
+import collections.abc
 import numbers
 
 import torch
@@ -98,9 +99,38 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"weights must be finite and >= 0, got {weight!r} for the {name} term")
     if source_weights is not None:
-        count = source_weights.numel() if isinstance(source_weights, torch.Tensor) else len(source_weights)
-        if count != num_sources:
-            raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
+        check_source_weights(source_weights, num_sources)
+
+
+def check_source_weights(source_weights, num_sources: int) -> None:
+    """One finite, non-negative weight per source, not all 0: a sequence of numbers or a real tensor."""
+    if isinstance(source_weights, torch.Tensor):
+        if source_weights.dtype.is_complex or source_weights.dtype == torch.bool:
+            raise TypeError(f"source_weights must be real numbers, got a {source_weights.dtype} tensor")
+        count = source_weights.numel()
+    else:
+        if not isinstance(source_weights, collections.abc.Sequence) and not hasattr(source_weights, "__array__"):
+            raise TypeError(f"source_weights must be a sequence of numbers or a tensor, got "
+                            f"{type(source_weights).__name__}")
+        count = len(source_weights)
+        for index, weight in enumerate(source_weights):
+            if isinstance(weight, torch.Tensor) or not isinstance(weight, numbers.Real):
+                raise TypeError(f"source_weights must be numbers (or a tensor), got {type(weight).__name__} for "
+                                f"source {index}")
+    if count != num_sources:
+        raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
+    # Values are checked on the host: lists and CPU tensors (a GPU tensor would cost a sync), not while
+    # torch.compile traces (a data-dependent branch).
+    if isinstance(source_weights, torch.Tensor):
+        if source_weights.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        source_weights = source_weights.detach().reshape(-1).tolist()
+    for index, weight in enumerate(source_weights):
+        if not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"source_weights must be finite and >= 0, got {weight!r} for source {index}")
+    if not any(source_weights):
+        raise ValueError(f"source_weights must not all be 0 (the l1 and teacher terms are means weighted by them), "
+                         f"got {list(source_weights)}")
 
 
 def check_pairing_option(pairing, batch: int, num_sources: int) -> None:

@@ -86,3 +86,25 @@ def test_source_weights_requiring_grad_get_their_gradient(impl, version, weights
     for name, a, b in zip(("loss", "est grad", "source_weights grad"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=name)
     assert want[2].abs().sum() > 0
+
+
+# 3 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source_weights,error,match", [
+    ([1.0, 1.0, 1.0], ValueError, "one weight per source"),
+    ([1.0, -1.0, 1.0, -1.0], ValueError, r"finite and >= 0, got -1.0 for source 1"),
+    (torch.tensor([1.0, -1.0, 1.0, -1.0]), ValueError, r"finite and >= 0, got -1.0 for source 1"),
+    ([1.0, 1.0, float("nan"), 1.0], ValueError, "finite and >= 0, got nan for source 2"),
+    ([1.0, 1.0, 1.0, float("inf")], ValueError, "finite and >= 0, got inf for source 3"),
+    ([0, 0, 0, 0], ValueError, "not all be 0"),
+    (torch.zeros(4), ValueError, "not all be 0"),
+    (["a", 1, 1, 1], TypeError, "numbers"),
+    (torch.ones(4, dtype=torch.complex64), TypeError, "real"),
+])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_source_weights_raise_like_bad_loss_weights(impl, source_weights, error, match):
+    require(impl)
+    est, targets, teacher, pairing = noise_robust_inputs(seed=3)
+    for version, weights in (("v1", [1, 2, 1]), ("v2", [1, 0, 0, 1])):
+        with pytest.raises(error, match=match):
+            nrt_kernels.noise_robust_loss(est, targets, version=version, weights=weights, teacher_targets=teacher,
+                                          pairing=pairing, source_weights=source_weights, impl=impl)
