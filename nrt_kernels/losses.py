@@ -108,6 +108,9 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
                                               source_weights=source_weights, return_terms=return_terms)
     active = noise_robust_op.active_terms(NOISE_ROBUST_TERMS[version], weights, teacher_targets is not None)
     divisor = noise_robust_op.loss_divisor(version, weights, active, normalize)
+    # Each weight over the divisor, in float64 here: the kernels take float32 scalars, in which weights such as 1e-46
+    # or 1e39 would underflow or overflow (a NaN loss); the ratios lie in (0, 1].
+    scales = {name: weight / divisor for name, weight in active.items()}
     # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
     rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
     implementation = backends.lookup(noise_robust_op.OP, backend)
@@ -115,7 +118,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     other_grad = (targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
                   or (isinstance(source_weights, torch.Tensor) and source_weights.requires_grad))
     if isinstance(implementation, Composition) or (other_grad and torch.is_grad_enabled()):
-        loss, terms = composed_loss(est, targets, teacher_targets, active, rows, divisor, source_weights, backend)
+        loss, terms = composed_loss(est, targets, teacher_targets, scales, rows, source_weights, backend)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
 
     dtype = common_dtype(est, targets, *([teacher_targets] if "teacher" in active else []))
@@ -125,7 +128,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
         flat_est, fused_operand(targets, dtype), flat_teacher, noise_robust_op.pair_masks(rows, batch, num_sources,
                                                                                          est.device),
         noise_robust_op.normalized_source_weights(source_weights, dtype, est.device),
-        [active.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], divisor, backend)
+        [scales.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], 1.0, backend)
     if return_terms:
         return loss, {name: term_values[noise_robust_op.TERM_NAMES.index(name)] for name in active}
     return loss

@@ -125,9 +125,10 @@ def source_l1(est: torch.Tensor, targets: torch.Tensor, source_weights=None) -> 
     loss = loss.mean(dim=tuple(range(2, est.ndim))).mean(0)
     if source_weights is None:
         weights = loss.new_ones(est.shape[1])
-    else:
-        weights = torch.as_tensor(source_weights, dtype=dtype, device=est.device)
-    return (loss * weights).sum() / weights.sum()
+        return (loss * weights).sum() / weights.sum()
+    # Normalised in float64: weights such as 1e-46 or 1e39 would underflow or overflow in float32.
+    weights = torch.as_tensor(source_weights, dtype=torch.float64, device=est.device)
+    return (loss * (weights / weights.sum()).to(dtype)).sum()
 
 
 def mixture_consistency_l1(est: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -151,10 +152,12 @@ def noise_robust_terms(est, targets, teacher_targets, active: dict, rows, *, sou
 
 
 def combine_terms(terms: dict, active: dict, divisor: float) -> torch.Tensor:
+    """``sum(weight * term) / divisor``, each weight divided by the divisor first, in float64: multiplying float32
+    terms by weights such as 1e-46 or 1e39 would underflow or overflow (a NaN loss)."""
     loss = 0
     for name, value in terms.items():
-        loss = loss + active[name] * value
-    return loss / divisor
+        loss = loss + (active[name] / divisor) * value
+    return loss
 
 
 def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=None, pairing=None,

@@ -108,3 +108,29 @@ def test_bad_source_weights_raise_like_bad_loss_weights(impl, source_weights, er
         with pytest.raises(error, match=match):
             nrt_kernels.noise_robust_loss(est, targets, version=version, weights=weights, teacher_targets=teacher,
                                           pairing=pairing, source_weights=source_weights, impl=impl)
+
+
+# 4 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1e-46, 1e39])  # below float32's smallest subnormal / above its largest number
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_outside_float32_range_give_the_finite_loss(impl, scale):
+    require(impl)
+    est, targets, teacher, pairing = noise_robust_inputs(dtype=torch.float32, seed=4)
+    cases = [
+        (dict(weights=[1, 0, 0]), dict(weights=[scale, 0, 0])),
+        (dict(weights=[1, 2, 1]), dict(weights=[scale, 2 * scale, scale])),
+        (dict(weights=[1, 2, 1], source_weights=[1, 2, 1, 1]),
+         dict(weights=[1, 2, 1], source_weights=[scale, 2 * scale, scale, scale])),
+    ]
+    rtol, atol = LOSS_TOLERANCE[torch.float32]
+    for plain, scaled in cases:
+        results = []
+        for options in (plain, scaled):
+            leaf = est.clone().requires_grad_(True)
+            loss = nrt_kernels.noise_robust_loss(leaf, targets, teacher_targets=teacher, pairing=pairing, impl=impl,
+                                                 **options)
+            results.append((loss, torch.autograd.grad(loss, leaf)[0]))
+        (loss, grad), (scaled_loss, scaled_grad) = results
+        assert torch.isfinite(scaled_loss) and torch.isfinite(scaled_grad).all(), scaled
+        torch.testing.assert_close(scaled_loss, loss, rtol=rtol, atol=atol)
+        torch.testing.assert_close(scaled_grad, grad, rtol=rtol, atol=atol)

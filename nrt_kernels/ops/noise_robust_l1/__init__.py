@@ -125,5 +125,6 @@ def normalized_source_weights(source_weights, dtype: torch.dtype, device) -> tor
     """(S,) weights summing to 1 in the accumulation dtype, or an empty tensor for a plain mean over sources."""
     if source_weights is None:
         return torch.empty(0, dtype=row_loss_dtype(dtype), device=device)
-    weights = torch.as_tensor(source_weights, dtype=row_loss_dtype(dtype), device=device).reshape(-1)
-    return (weights / weights.sum()).contiguous()
+    # Normalised in float64: weights such as 1e-46 or 1e39 would underflow or overflow in float32.
+    weights = torch.as_tensor(source_weights, dtype=torch.float64, device=device).reshape(-1)
+    return (weights / weights.sum()).to(row_loss_dtype(dtype)).contiguous()

@@ -11,11 +11,12 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..mixit_l1 import mixit_l1_loss
+from . import normalized_source_weights
 
 
 class Composition(NamedTuple):
-    """What a backend without a fused kernel registers: ``loss(est, targets, teacher_targets, active, rows,
-    divisor, source_weights, mixit_impl) -> (loss, {term: value})``."""
+    """What a backend without a fused kernel registers: ``loss(est, targets, teacher_targets, scales, rows,
+    source_weights, mixit_impl) -> (loss, {term: value})``, the loss being ``sum(scales[term] * value)``."""
 
     loss: Callable
 
@@ -26,8 +27,7 @@ def _source_l1(est, targets, source_weights):
     per_source = (est.to(dtype) - targets.to(dtype)).abs().transpose(0, 1).reshape(est.shape[1], -1).mean(1)
     if source_weights is None:
         return per_source.mean()
-    weights = torch.as_tensor(source_weights, dtype=dtype, device=est.device).reshape(-1)
-    return (per_source * weights).sum() / weights.sum()
+    return (per_source * normalized_source_weights(source_weights, dtype, est.device)).sum()
 
 
 def _noisy_mixtures(targets, rows):
@@ -39,19 +39,18 @@ def _noisy_mixtures(targets, rows):
     return torch.stack([paired[:, :half].sum(1), paired[:, half:].sum(1)], dim=1)
 
 
-def composed_loss(est, targets, teacher_targets, active: dict, rows, divisor: float, source_weights,
-                  mixit_impl: str):
+def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weights, mixit_impl: str):
     terms = {}
-    if "l1" in active:
+    if "l1" in scales:
         terms["l1"] = _source_l1(est, targets, source_weights)
-    if "consistency" in active:
+    if "consistency" in scales:
         dtype = torch.promote_types(torch.promote_types(est.dtype, targets.dtype), torch.float32)
         terms["consistency"] = (est.sum(1).to(dtype) - targets.sum(1).to(dtype)).abs().mean()
-    if "mixit" in active:
+    if "mixit" in scales:
         terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows), mixit_impl, partitions="generalized", reduction="mean",
                                        return_est=False, return_assignment=False)
-    if "teacher" in active:
+    if "teacher" in scales:
         terms["teacher"] = _source_l1(est, teacher_targets, source_weights)
-    loss = sum(active[name] * value for name, value in terms.items()) / divisor
+    loss = sum(scales[name] * value for name, value in terms.items())
     return loss, terms
 
