@@ -83,6 +83,10 @@ class MixITLossWrapper(nn.Module):
         return (loss, est_mixtures) if return_est else loss
 
 
+# iSeparate's random pairing forms mixture 0 from perm[:2] and mixture 1 from perm[2:], whatever the stem count.
+ISEPARATE_FIRST_MIXTURE_SIZE = 2
+
+
 def _teacher_separate(ema_model):
     return functools.partial(ema_model.separate, patch_length=None)
 
@@ -92,7 +96,8 @@ class MixITnL1nMeanTeacher(nn.Module):
 
     ``forward(outputs={'y_hat': est}, targets={'y': noisy stems}, ema_model=None, weights=None,
     mean_teacher_enable=False)`` as iSeparate's: the pairing is one ``torch.randperm(S)`` drawn (only when the
-    MixIT weight is non-zero) before the teacher runs; the teacher term runs when its weight is non-zero, an
+    MixIT weight is non-zero) before the teacher runs, its first 2 stems forming mixture 0 and the rest mixture 1
+    for any S (odd S included); the teacher term runs when its weight is non-zero, an
     ``ema_model`` with ``.separate(x, patch_length=None)`` is given and ``mean_teacher_enable`` is true; the loss
     is divided by the sum of all three weights either way.
     """
@@ -121,7 +126,8 @@ class MixITnL1nMeanTeacher(nn.Module):
                 and mean_teacher_enable:
             teacher = self._teacher_targets(est, y, ema_model)
         return noise_robust_loss(est, y, version=self.version, weights=weights, teacher_targets=teacher,
-                                 pairing=pairing, normalize="iseparate", impl=self.impl)
+                                 pairing=pairing, normalize="iseparate", impl=self.impl,
+                                 _first_mixture_size=ISEPARATE_FIRST_MIXTURE_SIZE)
 
 
 class MixITnL1nMeanTeacherV2(MixITnL1nMeanTeacher):

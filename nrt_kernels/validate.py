@@ -66,8 +66,10 @@ NORMALIZATIONS = ("iseparate", "active")
 
 
 def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1", weights=None,
-                              normalize="iseparate", source_weights=None) -> None:
-    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid."""
+                              normalize="iseparate", source_weights=None, first_mixture_size=None) -> None:
+    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid.
+
+    ``first_mixture_size``: how many stems of a pairing form MixIT mixture 0; None for half of them."""
     check_choice("version", version, tuple(NOISE_ROBUST_TERMS))
     check_choice("normalize", normalize, NORMALIZATIONS)
     tensors = [("est", est), ("targets", targets)]
@@ -85,9 +87,6 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
     if est.numel() == 0:
         raise ValueError(f"empty input: est has shape {tuple(est.shape)}")
     num_sources = est.shape[1]
-    if num_sources % 2:
-        raise ValueError(f"the MixIT term splits the {num_sources} noisy stems into two mixtures of equal size, so the "
-                         f"number of sources must be even, got {num_sources}")
     if num_sources > MAX_SOURCES:
         raise ValueError(f"at most {MAX_SOURCES} sources are supported, got {num_sources}")
     names = NOISE_ROBUST_TERMS[version]
@@ -98,6 +97,9 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
             raise TypeError(f"weights must be Python numbers, got {type(weight).__name__} for the {name} term")
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"weights must be finite and >= 0, got {weight!r} for the {name} term")
+    if weights[names.index("mixit")] != 0 and first_mixture_size is None and num_sources % 2:
+        raise ValueError(f"the MixIT term splits the {num_sources} noisy stems into two mixtures of equal size, so the "
+                         f"number of sources must be even (or the MixIT weight 0), got {num_sources}")
     if source_weights is not None:
         check_source_weights(source_weights, num_sources)
 

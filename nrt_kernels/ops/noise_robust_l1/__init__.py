@@ -111,12 +111,14 @@ def draw_pairing(pairing, batch: int, num_sources: int) -> torch.Tensor:
     return rows.expand(batch, num_sources)
 
 
-def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device) -> torch.Tensor:
-    """(B,) int32: bit ``s`` set when noisy stem ``s`` is in the first half of its row's pairing (mixture 0)."""
+def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device,
+               first_mixture_size: int | None = None) -> torch.Tensor:
+    """(B,) int32: bit ``s`` set when noisy stem ``s`` is among the first ``first_mixture_size`` (default: half)
+    of its row's pairing (mixture 0)."""
     if rows is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
-    first_half = rows[:, : num_sources // 2]
-    masks = torch.bitwise_left_shift(torch.ones_like(first_half), first_half).sum(1).to(torch.int32)
+    first = rows[:, : num_sources // 2 if first_mixture_size is None else first_mixture_size]
+    masks = torch.bitwise_left_shift(torch.ones_like(first), first).sum(1).to(torch.int32)
     # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
     return masks.to(device, non_blocking=True)
 

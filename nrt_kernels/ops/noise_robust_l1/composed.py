@@ -16,7 +16,8 @@ from . import normalized_source_weights
 
 class Composition(NamedTuple):
     """What a backend without a fused kernel registers: ``loss(est, targets, teacher_targets, scales, rows,
-    source_weights, mixit_impl) -> (loss, {term: value})``, the loss being ``sum(scales[term] * value)``."""
+    source_weights, mixit_impl, first_mixture_size=None) -> (loss, {term: value})``, the loss being
+    ``sum(scales[term] * value)``."""
 
     loss: Callable
 
@@ -30,16 +31,17 @@ def _source_l1(est, targets, source_weights):
     return (per_source * normalized_source_weights(source_weights, dtype, est.device)).sum()
 
 
-def _noisy_mixtures(targets, rows):
-    # Mixture 0 sums the stems in the first half of each row's pairing, mixture 1 the rest.
-    half = targets.shape[1] // 2
+def _noisy_mixtures(targets, rows, first_mixture_size):
+    # Mixture 0 sums the first stems of each row's pairing (half of them by default), mixture 1 the rest.
+    half = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
     rows = rows.to(targets.device)
     index = rows.view(*rows.shape, *(1,) * (targets.ndim - 2)).expand(-1, -1, *targets.shape[2:])
     paired = targets.gather(1, index)
     return torch.stack([paired[:, :half].sum(1), paired[:, half:].sum(1)], dim=1)
 
 
-def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weights, mixit_impl: str):
+def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weights, mixit_impl: str,
+                  first_mixture_size=None):
     terms = {}
     if "l1" in scales:
         terms["l1"] = _source_l1(est, targets, source_weights)
@@ -47,7 +49,7 @@ def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weig
         dtype = torch.promote_types(torch.promote_types(est.dtype, targets.dtype), torch.float32)
         terms["consistency"] = (est.sum(1).to(dtype) - targets.sum(1).to(dtype)).abs().mean()
     if "mixit" in scales:
-        terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows), mixit_impl, partitions="generalized", reduction="mean",
+        terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows, first_mixture_size), mixit_impl, partitions="generalized", reduction="mean",
                                        return_est=False, return_assignment=False)
     if "teacher" in scales:
         terms["teacher"] = _source_l1(est, teacher_targets, source_weights)
