@@ -42,6 +42,7 @@ def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reductio
     if backend == "reference":
         return _reference().mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
                                        return_est=return_est, return_assignment=return_assignment)
+    backends.check_autograd_transforms("mixit_l1", est, mixtures)
     return mixit_l1_loss(est, mixtures, backend, partitions=partitions, reduction=reduction, return_est=return_est,
                          return_assignment=return_assignment)
 
@@ -111,6 +112,8 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
                                               teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
                                               source_weights=source_weights, return_terms=return_terms,
                                               _first_mixture_size=_first_mixture_size)
+    backends.check_autograd_transforms(noise_robust_op.OP, est, targets,
+                                       *([teacher_targets] if teacher_targets is not None else []))
     active = noise_robust_op.active_terms(NOISE_ROBUST_TERMS[version], weights, teacher_targets is not None)
     divisor = noise_robust_op.loss_divisor(version, weights, active, normalize)
     # Each weight over the divisor, in float64 here: the kernels take float32 scalars, in which weights such as 1e-46

@@ -134,3 +134,62 @@ def test_weights_outside_float32_range_give_the_finite_loss(impl, scale):
         assert torch.isfinite(scaled_loss) and torch.isfinite(scaled_grad).all(), scaled
         torch.testing.assert_close(scaled_loss, loss, rtol=rtol, atol=atol)
         torch.testing.assert_close(scaled_grad, grad, rtol=rtol, atol=atol)
+
+
+# 6 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_works_and_functorch_says_which_impl_does(impl):
+    require(impl)
+    est, targets, teacher, pairing = noise_robust_inputs(batch=1, trailing=(3,), seed=6)
+    mixtures = torch.randn(1, 2, 3, dtype=torch.float64)
+
+    def mixit(e, m, mixit_impl=impl):
+        return nrt_kernels.mixit_loss(e, m, reduction="none", impl=mixit_impl)
+
+    def noise_robust(e, noise_robust_impl=impl):
+        return nrt_kernels.noise_robust_loss(e, targets, weights=[1, 2, 1], teacher_targets=teacher, pairing=pairing,
+                                             impl=noise_robust_impl)
+
+    # The gradient is piecewise constant in est and mixtures (zero second derivative almost everywhere) and linear
+    # in the incoming gradient: gradgradcheck checks both against finite differences...
+    torch.autograd.gradgradcheck(mixit, (est.clone().requires_grad_(True), mixtures.clone().requires_grad_(True)),
+                                 fast_mode=True)
+    torch.autograd.gradgradcheck(noise_robust, (est.clone().requires_grad_(True),), fast_mode=True)
+
+    # ...and the same derivatives through a model equal the reference's: a gradient penalty, and the derivative
+    # of a gradient with respect to the incoming gradient.
+    est, targets, teacher, pairing = noise_robust_inputs(batch=3, trailing=(2, 5), seed=7)
+    mixtures = torch.randn(3, 2, 2, 5, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh()).double()
+    incoming = torch.rand(3, dtype=torch.float64)
+    weights = torch.randn_like(est)
+
+    def second_derivatives(loss_impl):
+        estimates = model(est)
+        loss = mixit(estimates, mixtures, loss_impl).mean() + noise_robust(estimates, loss_impl)
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        penalty = torch.autograd.grad(sum((g ** 2).sum() for g in grads), list(model.parameters()))
+        leaf, rows = est.clone().requires_grad_(True), incoming.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(mixit(leaf, mixtures, loss_impl), leaf, rows, create_graph=True)
+        return (*penalty, *torch.autograd.grad((grad * weights).sum(), (leaf, rows), allow_unused=True))
+
+    for got, want in zip(second_derivatives(impl), second_derivatives("reference"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+    # torch.func transforms and forward-mode AD: the reference computes them, the fused ops say so.
+    est = est.detach()
+    tangent = torch.randn_like(est)
+    for call in (lambda e: mixit(e, mixtures).sum(), noise_robust):
+        leaf = est.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(call(leaf), leaf)
+        if impl == "reference":
+            torch.testing.assert_close(torch.func.grad(call)(est), grad)
+            with torch.autograd.forward_ad.dual_level():
+                dual = call(torch.autograd.forward_ad.make_dual(est, tangent))
+                torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(dual).tangent, (grad * tangent).sum())
+            continue
+        with pytest.raises(NotImplementedError, match=r'torch\.func.*impl="reference"'):
+            torch.func.grad(call)(est)
+        with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError,
+                                                                   match=r'forward-mode AD.*impl="reference"'):
+            call(torch.autograd.forward_ad.make_dual(est, tangent))

@@ -82,6 +82,30 @@ def _backward(ctx, grad_loss, _grad_terms, _grad_best):
 noise_robust_l1.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor, impl = inputs
+    ctx.save_for_backward(est, targets, teacher, pair_masks, source_weights, best)
+    ctx.weights = weights
+    ctx.divisor = divisor
+    ctx.impl = impl
+    ctx.loss_dtype = grad_loss.dtype
+
+
+def _double_backward(ctx, grad_grad_est):
+    # The gradient is linear in grad_loss and piecewise constant in est (signs of the errors): its derivatives are
+    # the gradient of a unit grad_loss, and zero for est (almost everywhere, as autograd's own abs backward gives).
+    est, targets, teacher, pair_masks, source_weights, best = ctx.saved_tensors
+    grad_grad_loss = None
+    if ctx.needs_input_grad[0]:
+        unit = noise_robust_l1_backward(est.new_ones((), dtype=ctx.loss_dtype), est, targets, teacher, pair_masks,
+                                        source_weights, best, ctx.weights, ctx.divisor, ctx.impl)
+        grad_grad_loss = (grad_grad_est.to(ctx.loss_dtype) * unit.to(ctx.loss_dtype)).sum()
+    return (grad_grad_loss, torch.zeros_like(est) if ctx.needs_input_grad[1] else None, *(None,) * 8)
+
+
+noise_robust_l1_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
+
+
 def active_terms(terms: tuple, weights, has_teacher: bool) -> dict:
     """``{term name: weight}`` of the terms a call computes: a non-zero weight, and for the teacher term teacher
     targets (iSeparate skips it on iterations where the mean teacher is off)."""
