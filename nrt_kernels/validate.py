@@ -17,12 +17,16 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+# float8 types are floating point too, but no kernel reads them (and torch cannot promote or sum them).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_float_tensor(name: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), "
-                        f"got {tensor.dtype}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have a floating-point dtype ({names}), got {tensor.dtype}")
 
 
 def check_mixit_inputs(est: torch.Tensor, mixtures: torch.Tensor, *, metric="l1", partitions="generalized",

@@ -193,3 +193,20 @@ def test_double_backward_works_and_functorch_says_which_impl_does(impl):
         with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError,
                                                                    match=r'forward-mode AD.*impl="reference"'):
             call(torch.autograd.forward_ad.make_dual(est, tangent))
+
+
+# 7 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float8_inputs_raise_the_dtype_type_error(impl, dtype):
+    require(impl)
+    est, mixtures = sources_and_mixtures(seed=7)
+    match = r"float16, bfloat16, float32, float64\), got torch\.float8"
+    with pytest.raises(TypeError, match=match):
+        nrt_kernels.mixit_loss(est.to(dtype), mixtures, impl=impl)
+    with pytest.raises(TypeError, match=match):
+        nrt_kernels.mixit_loss(est, mixtures.to(dtype), impl=impl)
+    est, targets, teacher, _ = noise_robust_inputs(seed=7)
+    for args in ((est.to(dtype), targets, teacher), (est, targets, teacher.to(dtype))):
+        with pytest.raises(TypeError, match=match):
+            nrt_kernels.noise_robust_loss(args[0], args[1], weights=[1, 0, 1], teacher_targets=args[2], impl=impl)
