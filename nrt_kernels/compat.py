@@ -62,6 +62,9 @@ class MixITLossWrapper(nn.Module):
         self._warned = False
 
     def forward(self, est_targets, targets, return_est=False, **kwargs):
+        if kwargs and isinstance(self.loss_func, str):
+            raise TypeError(f"MixITLossWrapper({self.loss_func!r}) passes no keyword arguments to its loss, got "
+                            f"{', '.join(kwargs)} (asteroid passes them to loss_func: give a loss_func that takes them)")
         partitions = "generalized" if self.generalized else "equal"
         if self.fused and not kwargs:
             outputs = mixit_loss(est_targets, targets, partitions=partitions, reduction="none", return_est=return_est,

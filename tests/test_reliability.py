@@ -210,3 +210,21 @@ def test_float8_inputs_raise_the_dtype_type_error(impl, dtype):
     for args in ((est.to(dtype), targets, teacher), (est, targets, teacher.to(dtype))):
         with pytest.raises(TypeError, match=match):
             nrt_kernels.noise_robust_loss(args[0], args[1], weights=[1, 0, 1], teacher_targets=args[2], impl=impl)
+
+
+# 8 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_l1_string_loss_with_extra_keyword_arguments_raises_type_error(impl):
+    require(impl)
+    est, mixtures = sources_and_mixtures(seed=8)
+    wrapper = compat.MixITLossWrapper("l1", impl=impl)
+    with pytest.raises(TypeError, match=r"'l1'.*keyword arguments.*foo"):
+        wrapper(est, mixtures, foo=1)
+    # A loss module that takes keyword arguments gets them, as asteroid passes them.
+    class ScaledL1(torch.nn.Module):
+        def forward(self, est, target, scale=1.0):
+            return scale * (est - target).abs().flatten(1).mean(1)
+
+    with pytest.warns(UserWarning, match="reference loop"):
+        scaled = compat.MixITLossWrapper(ScaledL1(), impl=impl)(est, mixtures, scale=3.0)
+    torch.testing.assert_close(scaled, 3.0 * reference.mixit_loss(est, mixtures))
