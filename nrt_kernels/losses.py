@@ -105,7 +105,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     check_noise_robust_inputs(est, targets, teacher_targets, version=version, weights=weights, normalize=normalize,
                               source_weights=source_weights, first_mixture_size=_first_mixture_size)
     batch, num_sources = est.shape[:2]
-    check_pairing_option(pairing, batch, num_sources)
+    check_pairing_option(pairing, batch, num_sources, est.device)
     backend = backends.resolve(noise_robust_op.OP, impl, est.device.type)
     if backend == "reference":
         return _reference().noise_robust_loss(est, targets, version=version, weights=weights,

@@ -104,7 +104,7 @@ def pairing_rows(pairing, batch: int, num_sources: int, device) -> torch.Tensor:
             raise ValueError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
         rows = torch.stack([torch.randperm(num_sources) for _ in range(batch)])
     else:
-        check_pairing(pairing, batch, num_sources)
+        check_pairing(pairing, batch, num_sources, device)
         rows = pairing
     return rows.to(device=device, dtype=torch.int64).expand(batch, num_sources)
 

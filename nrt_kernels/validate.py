@@ -139,17 +139,19 @@ def check_source_weights(source_weights, num_sources: int) -> None:
                          f"got {list(source_weights)}")
 
 
-def check_pairing_option(pairing, batch: int, num_sources: int) -> None:
-    """``pairing`` of the noise-robust loss: None, "per_example" or an explicit permutation tensor."""
+def check_pairing_option(pairing, batch: int, num_sources: int, device: torch.device) -> None:
+    """``pairing`` of the noise-robust loss (of est on ``device``): None, "per_example" or an explicit permutation
+    tensor."""
     if isinstance(pairing, str):
         if pairing != "per_example":
             raise ValueError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
     elif pairing is not None:
-        check_pairing(pairing, batch, num_sources)
+        check_pairing(pairing, batch, num_sources, device)
 
 
-def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
-    """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row."""
+def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int, device: torch.device) -> None:
+    """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row, on the
+    CPU (where ``torch.randperm`` draws it) or on ``device``, the device of est."""
     if not isinstance(pairing, torch.Tensor):
         raise TypeError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
     if pairing.dtype.is_floating_point or pairing.dtype.is_complex or pairing.dtype == torch.bool:
@@ -157,6 +159,8 @@ def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
     if pairing.shape not in ((num_sources,), (batch, num_sources)):
         raise ValueError(f"pairing must have shape ({num_sources},) or ({batch}, {num_sources}), got "
                          f"{tuple(pairing.shape)}")
+    if pairing.device.type != "cpu" and pairing.device != torch.device(device):
+        raise ValueError(f"pairing must be on the CPU or on the device of est ({device}), got {pairing.device}")
     # Checking the values needs them on the host: done for CPU pairings only (never a GPU sync) and not while
     # torch.compile traces (a data-dependent branch).
     if pairing.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -228,3 +228,14 @@ def test_l1_string_loss_with_extra_keyword_arguments_raises_type_error(impl):
     with pytest.warns(UserWarning, match="reference loop"):
         scaled = compat.MixITLossWrapper(ScaledL1(), impl=impl)(est, mixtures, scale=3.0)
     torch.testing.assert_close(scaled, 3.0 * reference.mixit_loss(est, mixtures))
+
+
+# 9 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pairing_on_another_device_names_both_devices(impl):
+    require(impl)
+    est, targets, teacher, pairing = noise_robust_inputs(seed=9)
+    for bad in (pairing.to("meta"), pairing.expand(2, 4).to("meta")):
+        with pytest.raises(ValueError, match=r"pairing must be on the CPU or on the device of est \(cpu\), got meta"):
+            nrt_kernels.noise_robust_loss(est, targets, weights=[1, 2, 1], teacher_targets=teacher, pairing=bad,
+                                          impl=impl)
