@@ -47,7 +47,8 @@ class MixITLossWrapper(nn.Module):
     """asteroid's ``MixITLossWrapper(loss_func, generalized=True, reduction="mean")``, fused for a per-example L1.
 
     ``forward(est_targets, targets, return_est=False)`` returns what asteroid returns: the mean loss (or the
-    (B, 1) row losses for ``reduction="none"``) and, with ``return_est``, the remixed estimates (B, N, *).
+    (B, 1) row losses for ``reduction="none"``) and, with ``return_est``, the remixed estimates (B, N, *) in the
+    targets' dtype.
     A ``loss_func`` that is not a per-example L1 (``"l1"``, :class:`SingleSrcL1` or a class of that name that
     computes one) runs the reference loop over every partition, with a one-time warning.
     """
@@ -83,7 +84,10 @@ class MixITLossWrapper(nn.Module):
             est_mixtures = reference.finish_mixit(row_loss, best, est_targets, targets.shape[1], partitions=partitions,
                                                   reduction="none", return_est=True, return_assignment=False)[1]
         loss = row_loss.mean() if self.reduction == "mean" else row_loss[:, None]
-        return (loss, est_mixtures) if return_est else loss
+        if not return_est:
+            return loss
+        # asteroid's reorder_source writes the remixes into zeros_like(targets): they take the targets' dtype.
+        return loss, est_mixtures.to(targets.dtype)
 
 
 # iSeparate's random pairing forms mixture 0 from perm[:2] and mixture 1 from perm[2:], whatever the stem count.

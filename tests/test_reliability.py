@@ -239,3 +239,28 @@ def test_pairing_on_another_device_names_both_devices(impl):
         with pytest.raises(ValueError, match=r"pairing must be on the CPU or on the device of est \(cpu\), got meta"):
             nrt_kernels.noise_robust_loss(est, targets, weights=[1, 2, 1], teacher_targets=teacher, pairing=bad,
                                           impl=impl)
+
+
+# 10 ------------------------------------------------------------------------------------------------------------
+def squared_error(est, target):
+    return ((est - target) ** 2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("loss_func", ["l1", compat.SingleSrcL1(), squared_error])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compat_remixes_have_the_targets_dtype_like_asteroid(impl, loss_func):
+    require(impl)
+    est, mixtures = sources_and_mixtures(seed=10)
+    per_example = squared_error if loss_func is squared_error else reference.l1_per_example
+    for est_dtype, mixtures_dtype in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        e, m = est.to(est_dtype).requires_grad_(True), mixtures.to(mixtures_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a loss other than an L1 runs the reference loop, with a warning
+            _, est_mixtures = compat.MixITLossWrapper(loss_func, impl=impl)(e, m, return_est=True)
+        # asteroid scores the candidates in the promoted dtype and writes the remixes into zeros_like(targets).
+        best = reference.candidate_losses(e, m, "generalized", per_example).argmin(1)
+        want = reference.remix(e, candidate_assignments(4, 2, "generalized")[best], 2).to(mixtures_dtype)
+        assert est_mixtures.dtype == mixtures_dtype
+        torch.testing.assert_close(est_mixtures, want, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(est_mixtures.sum(), e)
+        assert grad.dtype == est_dtype
