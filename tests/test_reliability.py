@@ -264,3 +264,56 @@ def test_compat_remixes_have_the_targets_dtype_like_asteroid(impl, loss_func):
         torch.testing.assert_close(est_mixtures, want, rtol=0, atol=0)
         (grad,) = torch.autograd.grad(est_mixtures.sum(), e)
         assert grad.dtype == est_dtype
+
+
+# 12 ------------------------------------------------------------------------------------------------------------
+def test_triton_plan_caches_keep_at_most_64_plans():
+    require("triton")
+    from nrt_kernels.ops.mixit_l1 import triton as mixit_triton
+    from nrt_kernels.ops.noise_robust_l1 import triton as noise_robust_triton
+
+    config = mixit_triton.default_partials_config(2, 2)
+    flags = dict(USE_L1=True, USE_CONSISTENCY=False, USE_MIXIT=False, USE_TEACHER=False, SOURCE_WEIGHTED=False)
+    for length in range(1, 201):  # a sweep over 200 shapes
+        est, mixtures = torch.empty(1, 2, length), torch.empty(1, 2, length)
+        mixit_triton.forward_plan(est, mixtures, "generalized", config)
+        noise_robust_triton.partials_plan((est, est, est, torch.empty(1, dtype=torch.int32), est), flags,
+                                          noise_robust_triton.PartialsConfig())
+        assert len(mixit_triton._forward_plans) <= 64 and len(noise_robust_triton._partials_plans) <= 64
+    assert len(mixit_triton._forward_plans) == 64
+    # Least recently used first out: a plan in use survives a sweep of new shapes.
+    recent = mixit_triton.forward_plan(torch.empty(1, 2, 150), mixtures, "generalized", config)
+    for length in range(201, 300):
+        mixit_triton.forward_plan(torch.empty(1, 2, length), mixtures, "generalized", config)
+        assert mixit_triton.forward_plan(torch.empty(1, 2, 150), mixtures, "generalized", config) is recent
+
+
+# 13 ------------------------------------------------------------------------------------------------------------
+LATE_INTERPRETER = r"""
+import os
+import torch
+import nrt_kernels
+from nrt_kernels import backends
+
+backends.lookup("mixit_l1", "triton")  # the Triton kernels load for the GPU: TRITON_INTERPRET is unset
+os.environ["TRITON_INTERPRET"] = "1"
+est, mixtures = torch.randn(2, 3, 8), torch.randn(2, 2, 8)
+for call in (lambda: nrt_kernels.mixit_loss(est, mixtures, impl="triton"),
+             lambda: nrt_kernels.noise_robust_loss(est[:, :2], est[:, 2:].expand(2, 2, 8).contiguous(),
+                                                   weights=[1, 1, 0], impl="triton")):
+    try:
+        call()
+    except backends.BackendUnavailable as error:
+        assert "set it before" in str(error), error
+    else:
+        raise AssertionError("impl='triton' ran after TRITON_INTERPRET was set late")
+print("ok")
+"""
+
+
+def test_triton_interpret_set_after_loading_the_kernels_says_so():
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
