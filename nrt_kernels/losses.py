@@ -85,7 +85,8 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
             stems form mixture 0, the rest mixture 1.
         normalize: "iseparate" (V1 divides by the sum of all three weights even when the teacher term is skipped;
             V2 by the weights of the computed terms) or "active" (the weights of the computed terms).
-        source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
+        source_weights: optional (S,) weights of the sources in the l1 and teacher terms (finite, >= 0, not all
+            0; values checked for lists and CPU tensors).
         return_terms: also return ``{term name: detached value}`` of the computed terms.
         impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the C++ MixIT op with
             the other terms in PyTorch) or "reference".  Targets, teacher targets or source weights that require

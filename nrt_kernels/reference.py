@@ -112,10 +112,10 @@ def pairing_rows(pairing, batch: int, num_sources: int, device) -> torch.Tensor:
 def noisy_mixtures(targets: torch.Tensor, rows: torch.Tensor, first_mixture_size=None) -> torch.Tensor:
     """(B, 2, *): row ``b`` sums the noisy stems ``rows[b, :k]`` into mixture 0 and the rest into mixture 1, with
     ``k = first_mixture_size``, by default S/2 (iSeparate's code takes 2)."""
-    half = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
+    first = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
     index = torch.arange(targets.shape[0], device=targets.device)[:, None]
     rows = rows.to(targets.device)
-    return torch.stack([targets[index, rows[:, :half]].sum(1), targets[index, rows[:, half:]].sum(1)], dim=1)
+    return torch.stack([targets[index, rows[:, :first]].sum(1), targets[index, rows[:, first:]].sum(1)], dim=1)
 
 
 def source_l1(est: torch.Tensor, targets: torch.Tensor, source_weights=None) -> torch.Tensor:

@@ -33,11 +33,11 @@ def _source_l1(est, targets, source_weights):
 
 def _noisy_mixtures(targets, rows, first_mixture_size):
     # Mixture 0 sums the first stems of each row's pairing (half of them by default), mixture 1 the rest.
-    half = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
+    first = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
     rows = rows.to(targets.device)
     index = rows.view(*rows.shape, *(1,) * (targets.ndim - 2)).expand(-1, -1, *targets.shape[2:])
     paired = targets.gather(1, index)
-    return torch.stack([paired[:, :half].sum(1), paired[:, half:].sum(1)], dim=1)
+    return torch.stack([paired[:, :first].sum(1), paired[:, first:].sum(1)], dim=1)
 
 
 def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weights, mixit_impl: str,
@@ -49,8 +49,9 @@ def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weig
         dtype = torch.promote_types(torch.promote_types(est.dtype, targets.dtype), torch.float32)
         terms["consistency"] = (est.sum(1).to(dtype) - targets.sum(1).to(dtype)).abs().mean()
     if "mixit" in scales:
-        terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows, first_mixture_size), mixit_impl, partitions="generalized", reduction="mean",
-                                       return_est=False, return_assignment=False)
+        terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows, first_mixture_size), mixit_impl,
+                                       partitions="generalized", reduction="mean", return_est=False,
+                                       return_assignment=False)
     if "teacher" in scales:
         terms["teacher"] = _source_l1(est, teacher_targets, source_weights)
     loss = sum(scales[name] * value for name, value in terms.items())
