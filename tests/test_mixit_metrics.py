@@ -133,6 +133,36 @@ def test_gradcheck_float64(impl, metric):
                                     fast_mode=impl == "triton")
 
 
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("metric", ["sisdr", "log_mse"])
+def test_double_backward(impl, metric):
+    est, mix = make_inputs(1, 3, 2, trailing=(4,), seed=17, offset=0.2)
+
+    def loss(e, m, loss_impl=impl):
+        return nrt_kernels.mixit_loss(e, m, metric=metric, reduction="none", impl=loss_impl)
+
+    assert torch.autograd.gradgradcheck(loss, (est.clone().requires_grad_(True), mix.clone().requires_grad_(True)),
+                                        fast_mode=True)
+
+    # A gradient penalty through a model, and the derivative with respect to the incoming gradient, as the loop's.
+    est, mix = make_inputs(3, 4, 2, trailing=(2, 5), seed=18, offset=0.2)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh()).double().to(DEVICE)
+    incoming = torch.rand(3, dtype=torch.float64, device=DEVICE)
+    weights = torch.randn_like(est)
+
+    def second_derivatives(loss_impl):
+        leaf = est.clone().requires_grad_(True)
+        rows = incoming.clone().requires_grad_(True)
+        grads = torch.autograd.grad(loss(model(leaf), mix, loss_impl).mean(), list(model.parameters()),
+                                    create_graph=True)
+        penalty = torch.autograd.grad(sum((g ** 2).sum() for g in grads), list(model.parameters()))
+        (grad,) = torch.autograd.grad(loss(leaf, mix, loss_impl), leaf, rows, create_graph=True)
+        return (*penalty, *torch.autograd.grad((grad * weights).sum(), (leaf, rows)))
+
+    for got, want in zip(second_derivatives(impl), second_derivatives("reference"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_options_change_the_loss_as_the_reference_says(impl):
     est, mix = make_inputs(2, 4, 2, seed=3, offset=0.5)
@@ -330,6 +360,22 @@ def test_nan_rows_stay_nan(impl, metric, where):
                                    atol=1e-9 * want[rows].abs().max())
         assert torch.isnan(want[1]).any() and (torch.isnan(got[1]) <= torch.isnan(want[1])).all()
     assert torch.isnan(fast[2][1]).any()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_a_later_nan_candidate_wins_like_torch_min(impl):
+    # SI-SDR with eps=0 and two silent sources: the candidates that put both into one mixture score 0/0 = NaN (the
+    # silent remix's projection and noise are both 0); in the "equal"
+    # order the first of them is candidate 1 (({0, 2}, {1, 3})), after a finite candidate 0.
+    est, mix = make_inputs(2, 4, 2, trailing=(30,), seed=19)
+    est[:, [0, 2]] = 0
+    metric = "sisdr"
+    fast = run(impl, est, mix, metric=metric, partitions="equal", eps=0.0)
+    ref = run("reference", est, mix, metric=metric, partitions="equal", eps=0.0)
+    candidates = reference.candidate_losses(est, mix, "equal", reference.per_example_loss(
+        metric, nrt_kernels.validate.check_metric_options(metric, eps=0.0)))
+    assert torch.isfinite(candidates[:, 0]).all() and torch.isnan(candidates[:, 1]).all()
+    assert torch.isnan(fast[0]).all() and torch.equal(fast[1], ref[1])
 
 
 @pytest.mark.parametrize("impl", FUSED)

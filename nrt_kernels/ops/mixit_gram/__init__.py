@@ -20,7 +20,8 @@ term, their derivative being what autograd takes of it; the tests hold them to i
 
 Backward.  dQ/dr = 2 r, dX/dr = x, dS/dr = 1, dX/dx = r, dXX/dx = 2 x, dT/dx = 1: so every source of mixture ``n``
 gets ``g (2 dQ r_n + dX x_n + dS)`` and the mixture ``g (dX r_n + 2 dXX x_n + dT)``, ``g`` being the row's upstream
-gradient.  One pass reads est and mixtures and writes the gradients.
+gradient.  One pass reads est and mixtures and writes the gradients.  Double backward (gradient penalties) writes
+the chosen candidate's gradient in PyTorch and lets autograd differentiate it once more.
 
 Accuracy.  The Gram is accumulated in float64 from exact products: the product of two float32 (or float16 /
 bfloat16) values is exact in float64 (48 <= 53 significand bits), so only the float64 additions round.  A float32
@@ -48,7 +49,8 @@ import torch
 
 from ... import backends
 from .._operands import common_dtype, fused_operand, row_loss_dtype
-from ..mixit_l1 import finish
+from ...assignments import candidate_assignments
+from ..mixit_l1 import finish, remix
 
 OP = "mixit_gram"
 # The statistics of each (row, mixture) of the chosen candidate, in the order of the last dim of ``dloss``.
@@ -122,38 +124,70 @@ def _mixit_gram_fake(est, mixtures, partitions, metric, zero_mean, eps, tau, imp
 
 @torch.library.custom_op("nrt_kernels::mixit_gram_backward", mutates_args=())
 def mixit_gram_backward(grad_rows: torch.Tensor, dloss: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor,
-                        best: torch.Tensor, partitions: str, impl: str,
-                        mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``mixit_gram``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
+                        best: torch.Tensor, partitions: str, metric: str, zero_mean: bool, eps: float, tau: float,
+                        impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``mixit_gram``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``.  (The
+    metric's options are its double backward's.)"""
     grad_est, grad_mix = backends.lookup(OP, impl).backward(grad_rows.contiguous(), dloss, est, mixtures, best,
                                                             partitions, mixtures_grad)
     return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
 
 
 @mixit_gram_backward.register_fake
-def _mixit_gram_backward_fake(grad_rows, dloss, est, mixtures, best, partitions, impl, mixtures_grad):
+def _mixit_gram_backward_fake(grad_rows, dloss, est, mixtures, best, partitions, metric, zero_mean, eps, tau, impl,
+                              mixtures_grad):
     return torch.empty_like(est), torch.empty_like(mixtures) if mixtures_grad else mixtures.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
-    est, mixtures, partitions, *_, impl = inputs
+    est, mixtures, partitions, metric, zero_mean, eps, tau, impl = inputs
     _, best, dloss = output
     ctx.save_for_backward(est, mixtures, best, dloss)
-    ctx.partitions = partitions
-    ctx.impl = impl
+    ctx.options = (partitions, metric, zero_mean, eps, tau, impl)
     ctx.mark_non_differentiable(best, dloss)
 
 
 def _backward(ctx, grad_rows, _grad_best, _grad_dloss):
     est, mixtures, best, dloss = ctx.saved_tensors
     mixtures_grad = ctx.needs_input_grad[1]
-    grad_est, grad_mix = mixit_gram_backward(grad_rows, dloss, est, mixtures, best, ctx.partitions, ctx.impl,
-                                             mixtures_grad)
+    grad_est, grad_mix = mixit_gram_backward(grad_rows, dloss, est, mixtures, best, *ctx.options, mixtures_grad)
     return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None,
             None, None, None, None, None, None)
 
 
 mixit_gram.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_rows, _, est, mixtures, best, partitions, metric, zero_mean, eps, tau, _, mixtures_grad = inputs
+    ctx.save_for_backward(grad_rows, est, mixtures, best)
+    ctx.options = (partitions, metric, zero_mean, eps, tau)
+    ctx.mixtures_grad = mixtures_grad
+
+
+def _double_backward(ctx, grad_grad_est, grad_grad_mix):
+    # Second derivatives (gradient penalties) are rare: the chosen candidate's gradient written in PyTorch (its
+    # remix, statistics and metric_row_loss, the selection held fixed), differentiated once more by autograd.
+    grad_rows, est, mixtures, best = ctx.saved_tensors
+    partitions, metric, zero_mean, eps, tau = ctx.options
+    with torch.enable_grad():
+        rows, sources, targets = (t.detach().requires_grad_(True) for t in (grad_rows, est, mixtures))
+        assignment = candidate_assignments(est.shape[1], mixtures.shape[1], partitions, est.device)[best]
+        stats = mixture_statistics(remix(sources, assignment, mixtures.shape[1]), targets)
+        row_loss = metric_row_loss(stats, est.shape[2], metric, zero_mean, eps, tau)
+        grad_est, grad_mix = torch.autograd.grad(row_loss, (sources, targets), rows.to(row_loss.dtype),
+                                                 create_graph=True)
+        outer = sum((grad * outer_grad).sum() for grad, outer_grad in
+                    ((grad_est, grad_grad_est), (grad_mix, grad_grad_mix if ctx.mixtures_grad else None))
+                    if outer_grad is not None)
+        grad_grad_rows, grad_sources, grad_targets = torch.autograd.grad(outer, (rows, sources, targets),
+                                                                         allow_unused=True)
+    needs = ctx.needs_input_grad
+    return (grad_grad_rows if needs[0] else None, None, grad_sources if needs[2] else None,
+            grad_targets if needs[3] else None, *(None,) * 8)
+
+
+mixit_gram_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
 
 
 def mixit_gram_loss(est, mixtures, impl: str, *, metric: str, options, partitions, reduction, return_est,
