@@ -388,6 +388,12 @@ class GramConfig:
     max_partials_bytes: int = 512 * 1024
 
 
+def default_gram_config(dtype: torch.dtype) -> GramConfig:
+    # 2-byte inputs at 4 warps compiled with a stack frame for sm_90 (16-24 bytes, with 40-72 registers; ptxas 12.x,
+    # tests/compile_check.py); at 2 warps without one.
+    return GramConfig(num_warps=2 if dtype.itemsize == 2 else 4)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """``block_c`` candidates per search program (the per-lane Gram sums of 128 candidates x 16 sources in float64
@@ -451,8 +457,9 @@ def _make_plan(est, mixtures, partitions, metric, zero_mean, eps, tau, gram_conf
 
 
 def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, metric: str, zero_mean: bool, eps: float,
-            tau: float, gram_config: GramConfig = GramConfig(), search_config: SearchConfig | None = None):
+            tau: float, gram_config: GramConfig | None = None, search_config: SearchConfig | None = None):
     check_runnable(est)
+    gram_config = gram_config or default_gram_config(est.dtype)
     search_config = search_config or default_search_config()
     key = (tuple(est.shape), mixtures.shape[1], est.dtype, est.device, partitions, metric, zero_mean, eps, tau,
            gram_config, search_config)
