@@ -98,6 +98,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="timed steps of each fused impl")
     parser.add_argument("--loop-rounds", type=int, default=3, help="timed steps of each loop")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
+    parser.add_argument("--max-loop-sources", type=int, default=8,
+                        help="time the loop only up to this M (it costs N**M remixes per step: minutes at M=12)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--cpu-time", action="store_true", help="time with the thread's CPU clock")
     parser.add_argument("--fresh-pages", action="store_true", help="leave glibc's allocator thresholds as they are")
@@ -123,7 +125,7 @@ def main() -> int:
                 runs[key].append(time_ms(step, clock))
         for (metric, impl), values in runs.items():
             medians[(sources, metric, impl)] = statistics.median(values)
-        for metric in metrics:
+        for metric in metrics if sources <= args.max_loop_sources else ():
             loops = {"loop": step_of(loop(metric), est, mixtures)}
             if not args.no_compile and sources <= 4:
                 begin = time.perf_counter()

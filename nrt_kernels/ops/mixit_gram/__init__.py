@@ -15,8 +15,9 @@ Forward.  1. One pass over est and mixtures builds, per row, the Gram matrix of 
 the Gram entries alone, O(N M^2) work per candidate whatever the signal length, and keeps the first minimum (NaN
 first, like ``torch.min``).  3. The row loss is that minimum; with it the backend returns the derivative of the row
 loss with respect to the chosen candidate's statistics ``(Q, X, XX, S, T)`` per mixture, a ``(B, N, 5)`` float64
-tensor.  :func:`metric_row_loss` is the same metric written in PyTorch (the definition the kernels follow term for
-term, their derivative being what autograd takes of it; the tests hold them to it).
+tensor.  :func:`metric_row_loss` is the same metric written in PyTorch: the definition the kernels follow term for
+term (their derivative is the one autograd takes of it), used by the double backward and by
+:mod:`nrt_kernels.compat`; the tests hold the kernels' losses and gradients to the reference loop.
 
 Backward.  dQ/dr = 2 r, dX/dr = x, dS/dr = 1, dX/dx = r, dXX/dx = 2 x, dT/dx = 1: so every source of mixture ``n``
 gets ``g (2 dQ r_n + dX x_n + dS)`` and the mixture ``g (dX r_n + 2 dXX x_n + dT)``, ``g`` being the row's upstream
@@ -26,14 +27,15 @@ the chosen candidate's gradient in PyTorch and lets autograd differentiate it on
 Accuracy.  The Gram is accumulated in float64 from exact products: the product of two float32 (or float16 /
 bfloat16) values is exact in float64 (48 <= 53 significand bits), so only the float64 additions round.  A float32
 Gram would not do: the noise energy ``Q - X^2/XX`` of an estimate at 60 dB SDR is a difference of numbers 10^6 times
-larger than itself, so float32's 1e-7 becomes 10 % (0.4 dB); float64's 1e-16 becomes 1e-10 (well inside the
-criterion, error <= 2x the float32 loop's + 0.01 dB from -30 to +60 dB: tests/test_mixit_metrics.py measures it
-for losses and gradients).  The search and the statistics are float64 too, and so is the backward's arithmetic
+larger than itself, so float32's 1e-7 becomes about 10 % (0.4 dB); float64's 1e-16 becomes 1e-10.  Measured by
+tests/test_mixit_metrics.py: error <= 2x the float32 loop's + 0.01 dB from -30 to +60 dB, for losses and
+gradients (in practice ~1e-6 dB, the float32 rounding of the result); a float32 Gram fails those tests at 60 dB.  The search and the statistics are float64 too, and so is the backward's arithmetic
 (the remix and ``a r + b x + c``, whose terms cancel as much at high SDR), rounded once to the gradient's dtype.
 float64 inputs: the products round in float64, like the float64 loop's.  Where the noise energy rounds below 0
 (estimates within ~1e-16 of exact) it is clamped to 0, so the loss stays finite and the metric's EPS decides.
 
-Selection.  A candidate's float64 loss from the Gram equals the float64 loop's up to rounding (~1e-13 relative);
+Selection.  A candidate's float64 loss from the Gram equals the float64 loop's up to rounding (~1e-15 relative in
+the tests);
 the two choose differently only where two candidates' losses differ by less than :data:`SELECTION_MARGIN` (relative
 to 1 + |loss|).  Exact ties (identical sources, integer-valued signals) resolve to the first candidate, like the
 reference, whenever the Gram sums are exact.
@@ -48,15 +50,16 @@ from __future__ import annotations
 import torch
 
 from ... import backends
-from .._operands import common_dtype, fused_operand, row_loss_dtype
 from ...assignments import candidate_assignments
+from .._operands import common_dtype, fused_operand, row_loss_dtype
 from ..mixit_l1 import finish, remix
 
 OP = "mixit_gram"
 # The statistics of each (row, mixture) of the chosen candidate, in the order of the last dim of ``dloss``.
 STATISTICS = ("Q", "X", "XX", "S", "T")
 # Two candidates whose float64 losses differ by less than this (relative to 1 + |loss|) may be chosen either way:
-# 1e4 times the ~1e-13 by which the Gram's float64 evaluation and the float64 loop's differ.
+# far above the ~1e-15 by which the Gram's float64 evaluation and the float64 loop's differ, far below any difference
+# between candidates that matters for training.
 SELECTION_MARGIN = 1e-9
 
 
