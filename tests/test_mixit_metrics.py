@@ -4,7 +4,6 @@ The reference is the asteroid 0.7.0 / Google loop (one remix per candidate, the 
 fused impls (C++ "cpu", Triton under the interpreter, or compiled on CUDA when a GPU is present) compute the same
 numbers from one Gram pass.  Shapes stay tiny where Triton is interpreted.
 """
-import math
 import warnings
 
 import pytest
