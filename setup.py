@@ -31,7 +31,7 @@ else:
         # Keep these flags equal to COMPILE_ARGS / LINK_ARGS in nrt_kernels/_native.py (the JIT build).
         ext_modules.append(CppExtension(
             name="nrt_kernels._cpu",
-            sources=["csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp"],
+            sources=["csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp", "csrc/cpu/noise_robust_l1_cpu.cpp"],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         ))

@@ -4,13 +4,14 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu/mixit_l1_cpu.h"
+#include "cpu/noise_robust_l1_cpu.h"
 
 // Bumped whenever the signatures below change, so that nrt_kernels/_native.py can tell a stale
 // prebuilt module from a current one and rebuild instead of crashing.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "nrt_kernels CPU kernels (fused MixIT L1)";
+  m.doc() = "nrt_kernels CPU kernels (fused MixIT L1, fused noise-robust loss)";
   m.attr("ABI_VERSION") = kAbiVersion;
   m.def("mixit_l1_forward", &nrt_kernels::mixit_l1_forward_cpu, pybind11::arg("est"), pybind11::arg("mixtures"),
         pybind11::arg("masks"), pybind11::call_guard<pybind11::gil_scoped_release>(),
@@ -19,4 +20,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("mixtures"), pybind11::arg("best"), pybind11::arg("masks"), pybind11::arg("mixtures_grad"),
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "-> (grad_est like est, grad_mixtures like mixtures or None)");
+  m.def("noise_robust_l1_forward", &nrt_kernels::noise_robust_l1_forward_cpu, pybind11::arg("est"),
+        pybind11::arg("targets"), pybind11::arg("teacher"), pybind11::arg("pair_masks"),
+        pybind11::arg("source_weights"), pybind11::arg("masks"), pybind11::arg("weights"), pybind11::arg("divisor"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(), "-> (loss (), terms (4,), best (B,) int64)");
+  m.def("noise_robust_l1_backward", &nrt_kernels::noise_robust_l1_backward_cpu, pybind11::arg("grad_loss"),
+        pybind11::arg("est"), pybind11::arg("targets"), pybind11::arg("teacher"), pybind11::arg("pair_masks"),
+        pybind11::arg("source_weights"), pybind11::arg("best"), pybind11::arg("masks"), pybind11::arg("weights"),
+        pybind11::arg("divisor"), pybind11::call_guard<pybind11::gil_scoped_release>(), "-> grad_est like est");
 }

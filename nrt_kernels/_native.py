@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 # Must equal kAbiVersion in csrc/mixit_l1.cpp: a prebuilt module from older sources is rebuilt.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("mixit_l1.cpp", "cpu/mixit_l1_cpu.cpp")
+_SOURCES = ("mixit_l1.cpp", "cpu/mixit_l1_cpu.cpp", "cpu/noise_robust_l1_cpu.cpp")
+_HEADERS = ("cpu/subset_l1.h", "cpu/mixit_l1_cpu.h", "cpu/noise_robust_l1_cpu.h")
 # No -march: the module must run on any x86-64 / aarch64 CPU, not only the build machine's.
 # -fopenmp makes at::parallel_for (inlined from ATen headers) use torch's OpenMP thread pool.
 COMPILE_ARGS = ("-O3", "-fopenmp")
@@ -52,7 +53,7 @@ def _import_prebuilt():
     if getattr(_cpu, "ABI_VERSION", None) != ABI_VERSION:
         return None
     # In a source checkout (editable install), C++ edited after the build wins: compile it just in time.
-    sources = [_CSRC / name for name in _SOURCES] + [_CSRC / "cpu" / "mixit_l1_cpu.h"]
+    sources = [_CSRC / name for name in (*_SOURCES, *_HEADERS)]
     built = os.path.getmtime(_cpu.__file__)
     if any(source.exists() and source.stat().st_mtime > built for source in sources):
         return None
@@ -129,3 +130,17 @@ def _register(module) -> None:
         return module.mixit_l1_backward(grad_rows, est, mixtures, best, masks, mixtures_grad)
 
     register_backend("cpu", cpu_forward, cpu_backward)
+
+    from .ops.noise_robust_l1 import NUM_MIXTURES, register_backend as register_noise_robust_backend
+
+    def noise_robust_forward(est, targets, teacher, pair_masks, source_weights, weights, divisor):
+        masks = candidate_masks(est.shape[1], NUM_MIXTURES, "generalized")
+        return module.noise_robust_l1_forward(est, targets, teacher, pair_masks, source_weights, masks, weights,
+                                              divisor)
+
+    def noise_robust_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor):
+        masks = candidate_masks(est.shape[1], NUM_MIXTURES, "generalized")
+        return module.noise_robust_l1_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best,
+                                               masks, weights, divisor)
+
+    register_noise_robust_backend("cpu", noise_robust_forward, noise_robust_backward)

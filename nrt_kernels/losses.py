@@ -94,7 +94,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
             V2 by the weights of the computed terms) or "active" (the weights of the computed terms).
         source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
         return_terms: also return ``{term name: detached value}`` of the computed terms.
-        impl: "auto", "triton" (one fused op), "cuda"/"cpu" (the MixIT op of that backend, the other terms in
+        impl: "auto", "triton"/"cpu" (one fused op), "cuda" (the MixIT op of that backend, the other terms in
             PyTorch) or "reference".  Targets or teacher targets that require grad take the reference path.
 
     Under DistributedDataParallel each process's loss is the mean over its own shard; with equal shards DDP's
@@ -118,7 +118,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
     rows_device = pairing.device if isinstance(pairing, torch.Tensor) else torch.device("cpu")
     rows = reference.pairing_rows(pairing, batch, num_sources, rows_device) if "mixit" in active else None
-    if backend != "triton":
+    if backend == "cuda":  # no fused V1/V2 kernel in the CUDA library: its MixIT op, the other terms in PyTorch
         terms = reference.noise_robust_terms(
             est, targets, teacher_targets, active, rows, source_weights=source_weights,
             mixit=lambda est_, mixtures: mixit_loss(est_, mixtures, impl=backend))

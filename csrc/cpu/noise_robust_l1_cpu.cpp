@@ -1,0 +1,428 @@
+// CPU kernels of the fused noise-robust loss (iSeparate-SDX V1/V2): L1 + mixture consistency + MixIT + teacher L1,
+// the algorithm of the Triton kernels in nrt_kernels/ops/noise_robust_l1.py on the subset search of subset_l1.h.
+//
+// Forward, stage 1 (parallel over (row, tile of D), fixed tiles): one pass over est, targets and teacher targets
+// chunk by chunk.  Per source it adds |est - y| and |est - teacher| into that source's lane accumulators, sums the
+// targets into the two mixtures of the row's pairing (and est and targets into their totals for the consistency
+// term), then scores every subset of est against both mixtures (the MixIT search).  A tile reports
+// 2 * 2**S MixIT partials, S l1 and S teacher partials (unweighted: source weights are applied once, at the end,
+// so no rounded product feeds an add) and one consistency partial.  Stage 2 (per row) adds the tiles in
+// increasing order and keeps the first minimum over candidates, NaN first; stage 3 (one thread) adds the rows in
+// increasing order and combines the terms.  Every sum has a fixed order: results are bitwise identical for any
+// number of threads.
+//
+// Backward (parallel over (row, tile)): per chunk, the signs every source shares (the chosen candidate's two
+// mixture errors, the consistency error), then per source grad = the l1, teacher, consistency and MixIT
+// gradients in that order, the same chunk of est, targets and teacher targets re-read from L1.
+//
+// A term whose weight is 0 reads nothing and computes nothing.
+#include "noise_robust_l1_cpu.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include "subset_l1.h"
+
+namespace nrt_kernels {
+namespace {
+
+using namespace subset_l1;
+
+constexpr int64_t kNumTerms = 4;
+constexpr int64_t kMixtures = 2;  // the pairing forms two mixtures from the noisy stems
+
+// Which terms run: a non-zero weight (and, for the teacher term, teacher targets).
+struct ActiveTerms {
+  bool l1, consistency, mixit, teacher, source_weighted;
+
+  bool reads_targets() const { return l1 || consistency || mixit; }
+};
+
+ActiveTerms active_terms(const std::vector<double>& weights, const at::Tensor& teacher,
+                         const at::Tensor& source_weights) {
+  return {weights[0] != 0, weights[1] != 0, weights[2] != 0, weights[3] != 0 && teacher.numel() > 0,
+          source_weights.numel() > 0};
+}
+
+// The values one forward tile reports, in this order.
+struct TileLayout {
+  int64_t num_sources, num_masks;
+
+  int64_t mixit() const { return 0; }                                // [2][2**S] MixIT partials
+  int64_t l1() const { return kMixtures * num_masks; }                // [S]
+  int64_t teacher() const { return l1() + num_sources; }              // [S]
+  int64_t consistency() const { return teacher() + num_sources; }     // [1]
+  int64_t size() const { return consistency() + 1; }
+};
+
+// The mixture a noisy stem joins under the row's pairing: 0 when its bit is set.
+inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pair_mask >> source) & 1) ? 0 : 1; }
+
+// Stage 1 for one (row, tile) over [begin, end).  `workspace`: the [2**S][chunk] subset table (with MixIT; else
+// one chunk for est), [2][chunk] mixtures, [chunk] targets, [chunk] teacher targets, [2][chunk] totals, then the
+// lane accumulators, one kLanes block per reported value.
+template <typename scalar_t, typename acc_t>
+NRT_ISA_CLONES void tile_partials(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
+                                  int32_t pair_mask, ActiveTerms use, TileLayout layout, int64_t length,
+                                  int64_t begin, int64_t end, int64_t chunk, acc_t* workspace, acc_t* partial) {
+  const int64_t num_sources = layout.num_sources;
+  acc_t* __restrict__ sums = workspace;
+  acc_t* __restrict__ mix = sums + (use.mixit ? layout.num_masks : 1) * chunk;
+  acc_t* __restrict__ y = mix + kMixtures * chunk;
+  acc_t* __restrict__ t = y + chunk;
+  acc_t* __restrict__ est_total = t + chunk;
+  acc_t* __restrict__ y_total = est_total + chunk;
+  acc_t* __restrict__ lanes = y_total + chunk;
+  std::fill(lanes, lanes + layout.size() * kLanes, acc_t(0));
+  std::fill(sums, sums + chunk, acc_t(0));  // the empty subset
+
+  for (int64_t start = begin; start < end; start += chunk) {
+    const int64_t count = std::min(chunk, end - start);
+    const int64_t padded = ceil_div(count, kLanes) * kLanes;
+    if (use.mixit) std::fill(mix, mix + kMixtures * chunk, acc_t(0));
+    if (use.consistency) {
+      std::fill(est_total, est_total + padded, acc_t(0));
+      std::fill(y_total, y_total + padded, acc_t(0));
+    }
+    for (int64_t s = 0; s < num_sources; ++s) {
+      // With MixIT, est goes straight into its singleton row of the subset table.
+      acc_t* __restrict__ x = sums + (use.mixit ? (int64_t(1) << s) : 0) * chunk;
+      const int64_t offset = s * length + start;
+      load_chunk(est_row + offset, count, x);
+      if (use.reads_targets()) load_chunk(y_row + offset, count, y);
+      if (use.l1) accumulate_l1(x, y, padded, lanes + (layout.l1() + s) * kLanes);
+      if (use.teacher) {
+        load_chunk(teacher_row + offset, count, t);
+        accumulate_l1(x, t, padded, lanes + (layout.teacher() + s) * kLanes);
+      }
+      if (use.consistency) {
+        for (int64_t l = 0; l < padded; ++l) est_total[l] += x[l];
+        for (int64_t l = 0; l < padded; ++l) y_total[l] += y[l];
+      }
+      if (use.mixit) {
+        acc_t* __restrict__ m = mix + pairing_mixture(pair_mask, s) * chunk;
+        for (int64_t l = 0; l < padded; ++l) m[l] += y[l];
+      }
+    }
+    if (use.consistency) accumulate_l1(est_total, y_total, padded, lanes + layout.consistency() * kLanes);
+    if (use.mixit) score_subsets(sums, mix, num_sources, kMixtures, chunk, padded, lanes);
+  }
+  for (int64_t i = 0; i < layout.size(); ++i) partial[i] = lane_total(lanes + i * kLanes);
+}
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Tensor& teacher,
+                  const at::Tensor& pair_masks, const at::Tensor& source_weights, const at::Tensor& masks,
+                  const std::vector<double>& weights, double divisor, ActiveTerms use, at::Tensor& loss,
+                  at::Tensor& terms, at::Tensor& best) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = est.size(0), num_sources = est.size(1), length = est.size(2);
+  const int64_t num_masks = int64_t(1) << num_sources;
+  const TileLayout layout{num_sources, num_masks};
+  const int64_t per_tile = layout.size();
+  const int64_t num_tiles = ceil_div(length, kTile);
+  // Without MixIT no subset table is built: a larger chunk serves the elementwise terms.
+  const int64_t chunk = use.mixit ? forward_chunk(num_masks) : 256;
+  const scalar_t* est_data = est.const_data_ptr<scalar_t>();
+  const scalar_t* y_data = use.reads_targets() ? targets.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* teacher_data = use.teacher ? teacher.const_data_ptr<scalar_t>() : nullptr;
+  const int32_t* pair_data = pair_masks.const_data_ptr<int32_t>();
+  std::vector<acc_t> partials(static_cast<size_t>(batch * num_tiles * per_tile));
+
+  at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
+    const int64_t table = (use.mixit ? num_masks : 1) * chunk;
+    std::vector<acc_t> workspace(static_cast<size_t>(table + (kMixtures + 4) * chunk + per_tile * kLanes));
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t row = item / num_tiles, tile = item % num_tiles;
+      const int64_t row_offset = row * num_sources * length;
+      tile_partials<scalar_t, acc_t>(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
+                                     teacher_data ? teacher_data + row_offset : nullptr, pair_data[row], use, layout,
+                                     length, tile * kTile, std::min(length, (tile + 1) * kTile), chunk,
+                                     workspace.data(), partials.data() + item * per_tile);
+    }
+  });
+
+  // Stage 2, per row: the tiles in increasing order; the MixIT row loss of the row's first minimum.
+  std::vector<acc_t> row_totals(static_cast<size_t>(batch * per_tile));
+  std::vector<acc_t> row_loss(static_cast<size_t>(batch), acc_t(0));
+  int64_t* best_data = best.data_ptr<int64_t>();
+  const int32_t* mask_data = masks.const_data_ptr<int32_t>();
+  const int64_t num_candidates = masks.size(0);
+  const acc_t mixit_count = static_cast<acc_t>(kMixtures * length);
+  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const acc_t* row_partials = partials.data() + row * num_tiles * per_tile;
+      acc_t* totals = row_totals.data() + row * per_tile;
+      std::copy(row_partials, row_partials + per_tile, totals);
+      for (int64_t tile = 1; tile < num_tiles; ++tile) {
+        for (int64_t i = 0; i < per_tile; ++i) totals[i] += row_partials[tile * per_tile + i];
+      }
+      best_data[row] = 0;
+      if (use.mixit) {
+        acc_t chosen_total;
+        select_candidate(totals + layout.mixit(), mask_data, num_candidates, kMixtures, num_masks, &best_data[row],
+                         &chosen_total);
+        row_loss[row] = chosen_total / mixit_count;
+      }
+    }
+  });
+
+  // Stage 3: the rows in increasing order, then the terms.  Source weights multiply per-source totals here.
+  const acc_t* source_weight = use.source_weighted ? source_weights.const_data_ptr<acc_t>() : nullptr;
+  const acc_t count = static_cast<acc_t>(batch) * static_cast<acc_t>(length);
+  const acc_t source_count = use.source_weighted ? count : count * static_cast<acc_t>(num_sources);
+  auto source_term = [&](int64_t first_value) {
+    acc_t total = acc_t(0);
+    for (int64_t s = 0; s < num_sources; ++s) {
+      acc_t source_total = acc_t(0);
+      for (int64_t row = 0; row < batch; ++row) source_total += row_totals[row * per_tile + first_value + s];
+      total += use.source_weighted ? source_weight[s] * source_total : source_total;
+    }
+    return total / source_count;
+  };
+  acc_t value[kNumTerms] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  if (use.l1) value[0] = source_term(layout.l1());
+  if (use.consistency) {
+    acc_t total = acc_t(0);
+    for (int64_t row = 0; row < batch; ++row) total += row_totals[row * per_tile + layout.consistency()];
+    value[1] = total / count;
+  }
+  if (use.mixit) {
+    acc_t total = acc_t(0);
+    for (int64_t row = 0; row < batch; ++row) total += row_loss[row];
+    value[2] = total / static_cast<acc_t>(batch);
+  }
+  if (use.teacher) value[3] = source_term(layout.teacher());
+  const bool on[kNumTerms] = {use.l1, use.consistency, use.mixit, use.teacher};
+  acc_t weighted = acc_t(0);
+  acc_t* terms_data = terms.data_ptr<acc_t>();
+  for (int64_t i = 0; i < kNumTerms; ++i) {
+    if (on[i]) weighted += static_cast<acc_t>(weights[i]) * value[i];
+    terms_data[i] = value[i];
+  }
+  *loss.data_ptr<acc_t>() = weighted / static_cast<acc_t>(divisor);
+}
+
+// The gradient coefficients of one row, each term's d loss / d |error| at grad_loss.
+template <typename acc_t>
+struct Coefficients {
+  acc_t l1[kMaxSources], teacher[kMaxSources];  // per source: source weights folded in
+  acc_t consistency, mixit;
+};
+
+// Backward for one row over [begin, end).  `workspace`: [2][kBackwardChunk] est mixtures (then their signed
+// coefficients), [2][kBackwardChunk] target mixtures, [kBackwardChunk] est and target totals, and the gradient.
+template <typename scalar_t, typename acc_t>
+NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
+                                   const int64_t* chosen_mixture, const int64_t* target_mixture, ActiveTerms use,
+                                   const Coefficients<acc_t>& coef, int64_t num_sources, int64_t length,
+                                   int64_t begin, int64_t end, acc_t* workspace, scalar_t* grad_row) {
+  acc_t* __restrict__ est_mix = workspace;
+  acc_t* __restrict__ y_mix = est_mix + kMixtures * kBackwardChunk;
+  acc_t* __restrict__ est_total = y_mix + kMixtures * kBackwardChunk;
+  acc_t* __restrict__ y_total = est_total + kBackwardChunk;
+  acc_t* __restrict__ grad = y_total + kBackwardChunk;
+  for (int64_t start = begin; start < end; start += kBackwardChunk) {
+    const int64_t size = std::min(kBackwardChunk, end - start);
+    if (use.mixit || use.consistency) {
+      // The sums of the forward pass, in the same order (increasing source index), so the signs are those of
+      // the errors it scored: each mixture of the chosen candidate and of the pairing, and the totals.
+      std::fill(workspace, workspace + (2 * kMixtures + 2) * kBackwardChunk, acc_t(0));
+      for (int64_t s = 0; s < num_sources; ++s) {
+        const scalar_t* __restrict__ x = est_row + s * length + start;
+        const scalar_t* __restrict__ y = y_row + s * length + start;
+        if (use.mixit) {
+          acc_t* __restrict__ em = est_mix + chosen_mixture[s] * kBackwardChunk;
+          acc_t* __restrict__ ym = y_mix + target_mixture[s] * kBackwardChunk;
+          for (int64_t l = 0; l < size; ++l) em[l] += static_cast<acc_t>(x[l]);
+          for (int64_t l = 0; l < size; ++l) ym[l] += static_cast<acc_t>(y[l]);
+        }
+        if (use.consistency) {
+          for (int64_t l = 0; l < size; ++l) est_total[l] += static_cast<acc_t>(x[l]);
+          for (int64_t l = 0; l < size; ++l) y_total[l] += static_cast<acc_t>(y[l]);
+        }
+      }
+      if (use.mixit) {
+        for (int64_t n = 0; n < kMixtures; ++n) {
+          acc_t* __restrict__ em = est_mix + n * kBackwardChunk;
+          const acc_t* __restrict__ ym = y_mix + n * kBackwardChunk;
+          for (int64_t l = 0; l < size; ++l) em[l] = coef.mixit * sign(em[l] - ym[l]);
+        }
+      }
+      if (use.consistency) {
+        for (int64_t l = 0; l < size; ++l) est_total[l] = coef.consistency * sign(est_total[l] - y_total[l]);
+      }
+    }
+    // Every product below has a factor sign in {-1, 0, 1}: exact, so a fused multiply-add rounds alike.
+    for (int64_t s = 0; s < num_sources; ++s) {
+      const int64_t offset = s * length + start;
+      const scalar_t* __restrict__ x = est_row + offset;
+      std::fill(grad, grad + size, acc_t(0));
+      if (use.l1) {
+        const scalar_t* __restrict__ y = y_row + offset;
+        const acc_t c = coef.l1[s];
+        for (int64_t l = 0; l < size; ++l) {
+          grad[l] += c * sign(static_cast<acc_t>(x[l]) - static_cast<acc_t>(y[l]));
+        }
+      }
+      if (use.teacher) {
+        const scalar_t* __restrict__ t = teacher_row + offset;
+        const acc_t c = coef.teacher[s];
+        for (int64_t l = 0; l < size; ++l) {
+          grad[l] += c * sign(static_cast<acc_t>(x[l]) - static_cast<acc_t>(t[l]));
+        }
+      }
+      if (use.consistency) {
+        for (int64_t l = 0; l < size; ++l) grad[l] += est_total[l];
+      }
+      if (use.mixit) {
+        const acc_t* __restrict__ em = est_mix + chosen_mixture[s] * kBackwardChunk;
+        for (int64_t l = 0; l < size; ++l) grad[l] += em[l];
+      }
+      scalar_t* __restrict__ out = grad_row + offset;
+      for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(grad[l]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at::Tensor& targets,
+                   const at::Tensor& teacher, const at::Tensor& pair_masks, const at::Tensor& source_weights,
+                   const at::Tensor& best, const at::Tensor& masks, const std::vector<double>& weights,
+                   double divisor, ActiveTerms use, at::Tensor& grad_est) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = est.size(0), num_sources = est.size(1), length = est.size(2);
+  const int64_t num_tiles = ceil_div(length, kBackwardTile);
+  // d loss / d term = grad_loss * weight / divisor, then the term's mean: as the Triton backward forms them.
+  const acc_t scale = *grad_loss.const_data_ptr<acc_t>() / static_cast<acc_t>(divisor);
+  const acc_t count = static_cast<acc_t>(batch) * static_cast<acc_t>(length);
+  const acc_t source_count = use.source_weighted ? count : count * static_cast<acc_t>(num_sources);
+  const acc_t* source_weight = use.source_weighted ? source_weights.const_data_ptr<acc_t>() : nullptr;
+  Coefficients<acc_t> coef;
+  const acc_t coef_l1 = scale * static_cast<acc_t>(weights[0]) / source_count;
+  const acc_t coef_teacher = scale * static_cast<acc_t>(weights[3]) / source_count;
+  for (int64_t s = 0; s < num_sources; ++s) {
+    coef.l1[s] = use.source_weighted ? coef_l1 * source_weight[s] : coef_l1;
+    coef.teacher[s] = use.source_weighted ? coef_teacher * source_weight[s] : coef_teacher;
+  }
+  coef.consistency = scale * static_cast<acc_t>(weights[1]) / count;
+  coef.mixit = scale * static_cast<acc_t>(weights[2]) / (count * static_cast<acc_t>(kMixtures));
+
+  const scalar_t* est_data = est.const_data_ptr<scalar_t>();
+  const scalar_t* y_data = use.reads_targets() ? targets.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* teacher_data = use.teacher ? teacher.const_data_ptr<scalar_t>() : nullptr;
+  const int32_t* pair_data = pair_masks.const_data_ptr<int32_t>();
+  const int64_t* best_data = best.const_data_ptr<int64_t>();
+  const int32_t* mask_data = masks.const_data_ptr<int32_t>();
+  scalar_t* grad_data = grad_est.data_ptr<scalar_t>();
+
+  at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> workspace(static_cast<size_t>((2 * kMixtures + 3) * kBackwardChunk));
+    int64_t chosen_mixture[kMaxSources] = {}, target_mixture[kMaxSources] = {};
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t row = item / num_tiles, tile = item % num_tiles;
+      if (use.mixit) {
+        const int32_t* candidate = mask_data + best_data[row] * kMixtures;
+        for (int64_t s = 0; s < num_sources; ++s) {
+          chosen_mixture[s] = ((candidate[0] >> s) & 1) ? 0 : 1;
+          target_mixture[s] = pairing_mixture(pair_data[row], s);
+        }
+      }
+      const int64_t row_offset = row * num_sources * length;
+      tile_gradients<scalar_t, acc_t>(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
+                                      teacher_data ? teacher_data + row_offset : nullptr, chosen_mixture,
+                                      target_mixture, use, coef, num_sources, length, tile * kBackwardTile,
+                                      std::min(length, (tile + 1) * kBackwardTile), workspace.data(),
+                                      grad_data + row_offset);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& est, const at::Tensor& targets, const at::Tensor& teacher,
+                  const at::Tensor& pair_masks, const at::Tensor& source_weights, const at::Tensor& masks,
+                  const std::vector<double>& weights) {
+  for (const at::Tensor* tensor : {&est, &targets, &teacher, &pair_masks, &source_weights, &masks}) {
+    TORCH_CHECK(tensor->device().is_cpu(), "nrt_kernels CPU kernels need CPU tensors, got one on ",
+                tensor->device());
+    TORCH_CHECK(tensor->is_contiguous(), "the noise-robust CPU kernel reads contiguous tensors");
+  }
+  TORCH_CHECK(est.dim() == 3 && est.numel() > 0, "est must be a non-empty (B, S, D) tensor, got ", est.sizes());
+  TORCH_CHECK(targets.sizes() == est.sizes() && targets.scalar_type() == est.scalar_type(),
+              "targets must have the shape and dtype of est ", est.sizes(), " ", est.scalar_type(), ", got ",
+              targets.sizes(), " ", targets.scalar_type());
+  TORCH_CHECK(teacher.numel() == 0 || (teacher.sizes() == est.sizes() && teacher.scalar_type() == est.scalar_type()),
+              "teacher must be empty or have the shape and dtype of est, got ", teacher.sizes(), " ",
+              teacher.scalar_type());
+  const int64_t num_sources = est.size(1);
+  TORCH_CHECK(num_sources >= 2 && num_sources % 2 == 0 && num_sources <= kMaxSources,
+              "an even number of sources up to ", kMaxSources, " is supported, got ", num_sources);
+  TORCH_CHECK(pair_masks.scalar_type() == at::kInt && pair_masks.dim() == 1 && pair_masks.size(0) == est.size(0),
+              "pair_masks must be (B,) int32, got ", pair_masks.sizes(), " ", pair_masks.scalar_type());
+  const auto acc_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(source_weights.numel() == 0 ||
+                  (source_weights.dim() == 1 && source_weights.size(0) == num_sources &&
+                   source_weights.scalar_type() == acc_dtype),
+              "source_weights must be empty or (S,) of the accumulation dtype ", acc_dtype, ", got ",
+              source_weights.sizes(), " ", source_weights.scalar_type());
+  TORCH_CHECK(masks.scalar_type() == at::kInt && masks.dim() == 2 && masks.size(1) == kMixtures &&
+                  masks.size(0) == (int64_t(1) << num_sources),
+              "masks must be the (2**S, 2) int32 generalized candidate masks, got ", masks.sizes(), " ",
+              masks.scalar_type());
+  TORCH_CHECK(weights.size() == kNumTerms, "weights must be the ", kNumTerms,
+              " (l1, consistency, mixit, teacher) weights, got ", weights.size());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_robust_l1_forward_cpu(
+    const at::Tensor& est, const at::Tensor& targets, const at::Tensor& teacher, const at::Tensor& pair_masks,
+    const at::Tensor& source_weights, const at::Tensor& masks, const std::vector<double>& weights, double divisor) {
+  check_inputs(est, targets, teacher, pair_masks, source_weights, masks, weights);
+  const ActiveTerms use = active_terms(weights, teacher, source_weights);
+  const auto acc_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({}, est.options().dtype(acc_dtype));
+  at::Tensor terms = at::empty({kNumTerms}, est.options().dtype(acc_dtype));
+  at::Tensor best = at::empty({est.size(0)}, est.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "noise_robust_l1_forward_cpu", [&] {
+    forward_impl<scalar_t>(est, targets, teacher, pair_masks, source_weights, masks, weights, divisor, use, loss,
+                           terms, best);
+  });
+  return {loss, terms, best};
+}
+
+at::Tensor noise_robust_l1_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& est,
+                                        const at::Tensor& targets, const at::Tensor& teacher,
+                                        const at::Tensor& pair_masks, const at::Tensor& source_weights,
+                                        const at::Tensor& best_in, const at::Tensor& masks,
+                                        const std::vector<double>& weights, double divisor) {
+  check_inputs(est, targets, teacher, pair_masks, source_weights, masks, weights);
+  const ActiveTerms use = active_terms(weights, teacher, source_weights);
+  const auto acc_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_loss_in.numel() == 1, "grad_loss must be a scalar, got ", grad_loss_in.sizes());
+  const at::Tensor grad_loss = grad_loss_in.to(acc_dtype).contiguous();
+  const at::Tensor best = best_in.to(at::kLong).contiguous();
+  TORCH_CHECK(best.dim() == 1 && best.size(0) == est.size(0), "best must be (B,), got ", best.sizes());
+  if (use.mixit) {
+    const int64_t* best_data = best.const_data_ptr<int64_t>();
+    for (int64_t row = 0; row < best.size(0); ++row) {
+      TORCH_CHECK(best_data[row] >= 0 && best_data[row] < masks.size(0), "best[", row, "] = ", best_data[row],
+                  " is not a candidate index in [0, ", masks.size(0), ")");
+    }
+  }
+  at::Tensor grad_est = at::empty_like(est);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "noise_robust_l1_backward_cpu", [&] {
+    backward_impl<scalar_t>(grad_loss, est, targets, teacher, pair_masks, source_weights, best, masks, weights,
+                            divisor, use, grad_est);
+  });
+  return grad_est;
+}
+
+}  // namespace nrt_kernels
