@@ -19,7 +19,9 @@
 #include "noise_robust_l1_cpu.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -52,33 +54,106 @@ ActiveTerms active_terms(const std::vector<double>& weights, const at::Tensor& t
           source_weights.numel() > 0};
 }
 
+// The per-source loops are compiled once per set of active terms (bits of kTerms), so each runs one branch-free
+// pass over its inputs; the set is picked once per call (`term_set`).
+constexpr int kL1 = 1, kConsistency = 2, kMixit = 4, kTeacher = 8, kNumTermSets = 16;
+
+int term_set(const ActiveTerms& use) {
+  return (use.l1 ? kL1 : 0) | (use.consistency ? kConsistency : 0) | (use.mixit ? kMixit : 0) |
+         (use.teacher ? kTeacher : 0);
+}
+
+// table[terms] = Pick<terms>::value for every term set: the instantiation that runs a call.
+template <template <int> class Pick, int... kTerms>
+auto term_set_table(std::integer_sequence<int, kTerms...>) {
+  using Function = decltype(Pick<0>::value);
+  return std::array<Function, sizeof...(kTerms)>{Pick<kTerms>::value...};
+}
+
+template <template <int> class Pick>
+auto for_term_set(int terms) {
+  static const auto table = term_set_table<Pick>(std::make_integer_sequence<int, kNumTermSets>{});
+  return table[terms];
+}
+
 // The values one forward tile reports, in this order.
 struct TileLayout {
   int64_t num_sources, num_masks;
 
-  int64_t mixit() const { return 0; }                                // [2][2**S] MixIT partials
-  int64_t l1() const { return kMixtures * num_masks; }                // [S]
-  int64_t teacher() const { return l1() + num_sources; }              // [S]
-  int64_t consistency() const { return teacher() + num_sources; }     // [1]
+  int64_t mixit() const { return 0; }                             // [2][2**S] MixIT partials
+  int64_t l1() const { return kMixtures * num_masks; }            // [S]
+  int64_t teacher() const { return l1() + num_sources; }          // [S]
+  int64_t consistency() const { return teacher() + num_sources; }  // [1]
   int64_t size() const { return consistency() + 1; }
 };
 
 // The mixture a noisy stem joins under the row's pairing: 0 when its bit is set.
 inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pair_mask >> source) & 1) ? 0 : 1; }
 
+// One source's share of a forward chunk of `count` elements, read straight from the inputs: |est - y| and
+// |est - teacher| into the source's lanes (element i into lane i mod kLanes), est into `x` (its row of the
+// subset table), y into its pairing mixture `mix`, est and y into the totals.
+template <int kTerms, typename scalar_t, typename acc_t>
+NRT_ISA_CLONES void source_partials(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y,
+                                    const scalar_t* __restrict__ teacher, int64_t count, acc_t* __restrict__ x,
+                                    acc_t* __restrict__ mix, acc_t* __restrict__ est_total,
+                                    acc_t* __restrict__ y_total, acc_t* __restrict__ l1_lanes,
+                                    acc_t* __restrict__ teacher_lanes) {
+  constexpr bool kTargets = (kTerms & (kL1 | kConsistency | kMixit)) != 0;
+  acc_t l1[kLanes], dist[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    l1[l] = l1_lanes[l];
+    dist[l] = teacher_lanes[l];
+  }
+  auto element = [&](int64_t i, int64_t l) {
+    const acc_t e = static_cast<acc_t>(est[i]);
+    if constexpr ((kTerms & kMixit) != 0) x[i] = e;
+    if constexpr (kTargets) {
+      const acc_t target = static_cast<acc_t>(y[i]);
+      if constexpr ((kTerms & kL1) != 0) l1[l] += std::abs(e - target);
+      if constexpr ((kTerms & kMixit) != 0) mix[i] += target;
+      if constexpr ((kTerms & kConsistency) != 0) {
+        est_total[i] += e;
+        y_total[i] += target;
+      }
+    }
+    if constexpr ((kTerms & kTeacher) != 0) dist[l] += std::abs(e - static_cast<acc_t>(teacher[i]));
+  };
+  const int64_t full = count - count % kLanes;
+  for (int64_t b = 0; b < full; b += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) element(b + l, l);
+  }
+  for (int64_t i = full; i < count; ++i) element(i, i - full);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    l1_lanes[l] = l1[l];
+    teacher_lanes[l] = dist[l];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+using SourcePartials = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t*, acc_t*, acc_t*,
+                                acc_t*, acc_t*, acc_t*);
+
+template <typename scalar_t, typename acc_t>
+struct PickSourcePartials {
+  template <int kTerms>
+  struct For {
+    static constexpr SourcePartials<scalar_t, acc_t> value = &source_partials<kTerms, scalar_t, acc_t>;
+  };
+};
+
 // Stage 1 for one (row, tile) over [begin, end).  `workspace`: the [2**S][chunk] subset table (with MixIT; else
-// one chunk for est), [2][chunk] mixtures, [chunk] targets, [chunk] teacher targets, [2][chunk] totals, then the
-// lane accumulators, one kLanes block per reported value.
+// one chunk for est), [2][chunk] mixtures, [2][chunk] totals, then the lane accumulators, one kLanes block per
+// reported value.
 template <typename scalar_t, typename acc_t>
 NRT_ISA_CLONES void tile_partials(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
-                                  int32_t pair_mask, ActiveTerms use, TileLayout layout, int64_t length,
-                                  int64_t begin, int64_t end, int64_t chunk, acc_t* workspace, acc_t* partial) {
+                                  int32_t pair_mask, ActiveTerms use, SourcePartials<scalar_t, acc_t> source_fn,
+                                  TileLayout layout, int64_t length, int64_t begin, int64_t end, int64_t chunk,
+                                  acc_t* workspace, acc_t* partial) {
   const int64_t num_sources = layout.num_sources;
   acc_t* __restrict__ sums = workspace;
   acc_t* __restrict__ mix = sums + (use.mixit ? layout.num_masks : 1) * chunk;
-  acc_t* __restrict__ y = mix + kMixtures * chunk;
-  acc_t* __restrict__ t = y + chunk;
-  acc_t* __restrict__ est_total = t + chunk;
+  acc_t* __restrict__ est_total = mix + kMixtures * chunk;
   acc_t* __restrict__ y_total = est_total + chunk;
   acc_t* __restrict__ lanes = y_total + chunk;
   std::fill(lanes, lanes + layout.size() * kLanes, acc_t(0));
@@ -86,6 +161,7 @@ NRT_ISA_CLONES void tile_partials(const scalar_t* est_row, const scalar_t* y_row
 
   for (int64_t start = begin; start < end; start += chunk) {
     const int64_t count = std::min(chunk, end - start);
+    // Elements past `count` up to a whole lane block are zero in every row that is scored: they add exactly 0.
     const int64_t padded = ceil_div(count, kLanes) * kLanes;
     if (use.mixit) std::fill(mix, mix + kMixtures * chunk, acc_t(0));
     if (use.consistency) {
@@ -93,24 +169,13 @@ NRT_ISA_CLONES void tile_partials(const scalar_t* est_row, const scalar_t* y_row
       std::fill(y_total, y_total + padded, acc_t(0));
     }
     for (int64_t s = 0; s < num_sources; ++s) {
-      // With MixIT, est goes straight into its singleton row of the subset table.
-      acc_t* __restrict__ x = sums + (use.mixit ? (int64_t(1) << s) : 0) * chunk;
+      acc_t* x = sums + (use.mixit ? (int64_t(1) << s) : 0) * chunk;  // with MixIT, its singleton row
       const int64_t offset = s * length + start;
-      load_chunk(est_row + offset, count, x);
-      if (use.reads_targets()) load_chunk(y_row + offset, count, y);
-      if (use.l1) accumulate_l1(x, y, padded, lanes + (layout.l1() + s) * kLanes);
-      if (use.teacher) {
-        load_chunk(teacher_row + offset, count, t);
-        accumulate_l1(x, t, padded, lanes + (layout.teacher() + s) * kLanes);
-      }
-      if (use.consistency) {
-        for (int64_t l = 0; l < padded; ++l) est_total[l] += x[l];
-        for (int64_t l = 0; l < padded; ++l) y_total[l] += y[l];
-      }
-      if (use.mixit) {
-        acc_t* __restrict__ m = mix + pairing_mixture(pair_mask, s) * chunk;
-        for (int64_t l = 0; l < padded; ++l) m[l] += y[l];
-      }
+      source_fn(est_row + offset, use.reads_targets() ? y_row + offset : nullptr,
+                use.teacher ? teacher_row + offset : nullptr, count, x,
+                mix + pairing_mixture(pair_mask, s) * chunk, est_total, y_total,
+                lanes + (layout.l1() + s) * kLanes, lanes + (layout.teacher() + s) * kLanes);
+      std::fill(x + count, x + padded, acc_t(0));
     }
     if (use.consistency) accumulate_l1(est_total, y_total, padded, lanes + layout.consistency() * kLanes);
     if (use.mixit) score_subsets(sums, mix, num_sources, kMixtures, chunk, padded, lanes);
@@ -137,15 +202,16 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
   const int32_t* pair_data = pair_masks.const_data_ptr<int32_t>();
   std::vector<acc_t> partials(static_cast<size_t>(batch * num_tiles * per_tile));
 
+  const auto source_fn = for_term_set<PickSourcePartials<scalar_t, acc_t>::template For>(term_set(use));
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
     const int64_t table = (use.mixit ? num_masks : 1) * chunk;
-    std::vector<acc_t> workspace(static_cast<size_t>(table + (kMixtures + 4) * chunk + per_tile * kLanes));
+    std::vector<acc_t> workspace(static_cast<size_t>(table + (kMixtures + 2) * chunk + per_tile * kLanes));
     for (int64_t item = first; item < last; ++item) {
       const int64_t row = item / num_tiles, tile = item % num_tiles;
       const int64_t row_offset = row * num_sources * length;
       tile_partials<scalar_t, acc_t>(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
-                                     teacher_data ? teacher_data + row_offset : nullptr, pair_data[row], use, layout,
-                                     length, tile * kTile, std::min(length, (tile + 1) * kTile), chunk,
+                                     teacher_data ? teacher_data + row_offset : nullptr, pair_data[row], use,
+                                     source_fn, layout, length, tile * kTile, std::min(length, (tile + 1) * kTile), chunk,
                                      workspace.data(), partials.data() + item * per_tile);
     }
   });
@@ -211,7 +277,67 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
   *loss.data_ptr<acc_t>() = weighted / static_cast<acc_t>(divisor);
 }
 
-// The gradient coefficients of one row, each term's d loss / d |error| at grad_loss.
+// One source's share of the sums the backward's signs need, over `size` elements: est into its mixture under the
+// chosen candidate, y into its pairing mixture, both into the totals; in increasing source order, as the forward.
+template <int kTerms, typename scalar_t, typename acc_t>
+NRT_ISA_CLONES void source_sums(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y, int64_t size,
+                                acc_t* __restrict__ est_mix, acc_t* __restrict__ y_mix, acc_t* __restrict__ est_total,
+                                acc_t* __restrict__ y_total) {
+  for (int64_t l = 0; l < size; ++l) {
+    const acc_t e = static_cast<acc_t>(est[l]), target = static_cast<acc_t>(y[l]);
+    if constexpr ((kTerms & kMixit) != 0) {
+      est_mix[l] += e;
+      y_mix[l] += target;
+    }
+    if constexpr ((kTerms & kConsistency) != 0) {
+      est_total[l] += e;
+      y_total[l] += target;
+    }
+  }
+}
+
+// One source's gradient over `size` elements: the l1, teacher, consistency and MixIT terms in that order, the
+// last two as precomputed signed coefficients.  Every product has a factor sign in {-1, 0, 1}: exact, so a fused
+// multiply-add rounds alike.
+template <int kTerms, typename scalar_t, typename acc_t>
+NRT_ISA_CLONES void source_gradients(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y,
+                                     const scalar_t* __restrict__ teacher, int64_t size, acc_t l1_coef,
+                                     acc_t teacher_coef, const acc_t* __restrict__ consistency,
+                                     const acc_t* __restrict__ mixture, scalar_t* __restrict__ grad) {
+  for (int64_t l = 0; l < size; ++l) {
+    const acc_t e = static_cast<acc_t>(est[l]);
+    acc_t g = acc_t(0);
+    if constexpr ((kTerms & kL1) != 0) g += l1_coef * sign(e - static_cast<acc_t>(y[l]));
+    if constexpr ((kTerms & kTeacher) != 0) g += teacher_coef * sign(e - static_cast<acc_t>(teacher[l]));
+    if constexpr ((kTerms & kConsistency) != 0) g += consistency[l];
+    if constexpr ((kTerms & kMixit) != 0) g += mixture[l];
+    grad[l] = static_cast<scalar_t>(g);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardSource {
+  using Sums = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t*, acc_t*, acc_t*, acc_t*);
+  using Gradients = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t, const acc_t*,
+                             const acc_t*, scalar_t*);
+
+  template <int kTerms>
+  struct PickSums {  // only the consistency and MixIT terms need sums
+    static constexpr Sums value = &source_sums<kTerms & (kConsistency | kMixit), scalar_t, acc_t>;
+  };
+  template <int kTerms>
+  struct PickGradients {
+    static constexpr Gradients value = &source_gradients<kTerms, scalar_t, acc_t>;
+  };
+
+  Sums sums;
+  Gradients gradients;
+
+  explicit BackwardSource(const ActiveTerms& use)
+      : sums(for_term_set<PickSums>(term_set(use))), gradients(for_term_set<PickGradients>(term_set(use))) {}
+};
+
+// The gradient coefficients of one call, each term's d loss / d |error| at grad_loss.
 template <typename acc_t>
 struct Coefficients {
   acc_t l1[kMaxSources], teacher[kMaxSources];  // per source: source weights folded in
@@ -219,36 +345,27 @@ struct Coefficients {
 };
 
 // Backward for one row over [begin, end).  `workspace`: [2][kBackwardChunk] est mixtures (then their signed
-// coefficients), [2][kBackwardChunk] target mixtures, [kBackwardChunk] est and target totals, and the gradient.
+// coefficients), [2][kBackwardChunk] target mixtures, [kBackwardChunk] est and target totals.
 template <typename scalar_t, typename acc_t>
 NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
                                    const int64_t* chosen_mixture, const int64_t* target_mixture, ActiveTerms use,
-                                   const Coefficients<acc_t>& coef, int64_t num_sources, int64_t length,
-                                   int64_t begin, int64_t end, acc_t* workspace, scalar_t* grad_row) {
+                                   BackwardSource<scalar_t, acc_t> source, const Coefficients<acc_t>& coef,
+                                   int64_t num_sources, int64_t length, int64_t begin, int64_t end,
+                                   acc_t* workspace, scalar_t* grad_row) {
   acc_t* __restrict__ est_mix = workspace;
   acc_t* __restrict__ y_mix = est_mix + kMixtures * kBackwardChunk;
   acc_t* __restrict__ est_total = y_mix + kMixtures * kBackwardChunk;
   acc_t* __restrict__ y_total = est_total + kBackwardChunk;
-  acc_t* __restrict__ grad = y_total + kBackwardChunk;
   for (int64_t start = begin; start < end; start += kBackwardChunk) {
     const int64_t size = std::min(kBackwardChunk, end - start);
     if (use.mixit || use.consistency) {
-      // The sums of the forward pass, in the same order (increasing source index), so the signs are those of
-      // the errors it scored: each mixture of the chosen candidate and of the pairing, and the totals.
+      // The signs every source shares: each mixture error of the chosen candidate against the pairing's
+      // mixtures, and the consistency error, from the forward's sums.
       std::fill(workspace, workspace + (2 * kMixtures + 2) * kBackwardChunk, acc_t(0));
       for (int64_t s = 0; s < num_sources; ++s) {
-        const scalar_t* __restrict__ x = est_row + s * length + start;
-        const scalar_t* __restrict__ y = y_row + s * length + start;
-        if (use.mixit) {
-          acc_t* __restrict__ em = est_mix + chosen_mixture[s] * kBackwardChunk;
-          acc_t* __restrict__ ym = y_mix + target_mixture[s] * kBackwardChunk;
-          for (int64_t l = 0; l < size; ++l) em[l] += static_cast<acc_t>(x[l]);
-          for (int64_t l = 0; l < size; ++l) ym[l] += static_cast<acc_t>(y[l]);
-        }
-        if (use.consistency) {
-          for (int64_t l = 0; l < size; ++l) est_total[l] += static_cast<acc_t>(x[l]);
-          for (int64_t l = 0; l < size; ++l) y_total[l] += static_cast<acc_t>(y[l]);
-        }
+        const int64_t offset = s * length + start;
+        source.sums(est_row + offset, y_row + offset, size, est_mix + chosen_mixture[s] * kBackwardChunk,
+                    y_mix + target_mixture[s] * kBackwardChunk, est_total, y_total);
       }
       if (use.mixit) {
         for (int64_t n = 0; n < kMixtures; ++n) {
@@ -261,34 +378,11 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
         for (int64_t l = 0; l < size; ++l) est_total[l] = coef.consistency * sign(est_total[l] - y_total[l]);
       }
     }
-    // Every product below has a factor sign in {-1, 0, 1}: exact, so a fused multiply-add rounds alike.
     for (int64_t s = 0; s < num_sources; ++s) {
       const int64_t offset = s * length + start;
-      const scalar_t* __restrict__ x = est_row + offset;
-      std::fill(grad, grad + size, acc_t(0));
-      if (use.l1) {
-        const scalar_t* __restrict__ y = y_row + offset;
-        const acc_t c = coef.l1[s];
-        for (int64_t l = 0; l < size; ++l) {
-          grad[l] += c * sign(static_cast<acc_t>(x[l]) - static_cast<acc_t>(y[l]));
-        }
-      }
-      if (use.teacher) {
-        const scalar_t* __restrict__ t = teacher_row + offset;
-        const acc_t c = coef.teacher[s];
-        for (int64_t l = 0; l < size; ++l) {
-          grad[l] += c * sign(static_cast<acc_t>(x[l]) - static_cast<acc_t>(t[l]));
-        }
-      }
-      if (use.consistency) {
-        for (int64_t l = 0; l < size; ++l) grad[l] += est_total[l];
-      }
-      if (use.mixit) {
-        const acc_t* __restrict__ em = est_mix + chosen_mixture[s] * kBackwardChunk;
-        for (int64_t l = 0; l < size; ++l) grad[l] += em[l];
-      }
-      scalar_t* __restrict__ out = grad_row + offset;
-      for (int64_t l = 0; l < size; ++l) out[l] = static_cast<scalar_t>(grad[l]);
+      source.gradients(est_row + offset, use.l1 ? y_row + offset : nullptr,
+                       use.teacher ? teacher_row + offset : nullptr, size, coef.l1[s], coef.teacher[s], est_total,
+                       est_mix + chosen_mixture[s] * kBackwardChunk, grad_row + offset);
     }
   }
 }
@@ -324,8 +418,9 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
   const int32_t* mask_data = masks.const_data_ptr<int32_t>();
   scalar_t* grad_data = grad_est.data_ptr<scalar_t>();
 
+  const BackwardSource<scalar_t, acc_t> source(use);
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> workspace(static_cast<size_t>((2 * kMixtures + 3) * kBackwardChunk));
+    std::vector<acc_t> workspace(static_cast<size_t>((2 * kMixtures + 2) * kBackwardChunk));
     int64_t chosen_mixture[kMaxSources] = {}, target_mixture[kMaxSources] = {};
     for (int64_t item = first; item < last; ++item) {
       const int64_t row = item / num_tiles, tile = item % num_tiles;
@@ -339,7 +434,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
       const int64_t row_offset = row * num_sources * length;
       tile_gradients<scalar_t, acc_t>(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
                                       teacher_data ? teacher_data + row_offset : nullptr, chosen_mixture,
-                                      target_mixture, use, coef, num_sources, length, tile * kBackwardTile,
+                                      target_mixture, use, source, coef, num_sources, length, tile * kBackwardTile,
                                       std::min(length, (tile + 1) * kBackwardTile), workspace.data(),
                                       grad_data + row_offset);
     }
