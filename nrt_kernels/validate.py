@@ -103,6 +103,15 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
             raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
 
 
+def check_pairing_option(pairing, batch: int, num_sources: int) -> None:
+    """``pairing`` of the noise-robust loss: None, "per_example" or an explicit permutation tensor."""
+    if isinstance(pairing, str):
+        if pairing != "per_example":
+            raise ValueError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
+    elif pairing is not None:
+        check_pairing(pairing, batch, num_sources)
+
+
 def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
     """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row."""
     if not isinstance(pairing, torch.Tensor):

@@ -6,6 +6,8 @@
 // candidates, NaN first (torch.min semantics).
 #include "mixit_l1_cpu.h"
 
+#include "../nrt_config.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

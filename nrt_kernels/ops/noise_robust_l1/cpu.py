@@ -1,0 +1,26 @@
+"""C++ CPU backend of the fused noise-robust loss (``csrc/cpu/noise_robust_l1_cpu.cpp``): one pass forward over est,
+targets and teacher targets for every active term including the MixIT search, one pass backward; importing it loads
+(or builds) the extension."""
+from __future__ import annotations
+
+from ... import backends
+from ..._native import load_cpu_extension
+from ...assignments import candidate_masks
+from . import NUM_MIXTURES, OP
+
+_extension = load_cpu_extension()  # raises NativeExtensionError saying how to get it
+
+
+def forward(est, targets, teacher, pair_masks, source_weights, weights, divisor):
+    masks = candidate_masks(est.shape[1], NUM_MIXTURES, "generalized")
+    return _extension.noise_robust_l1_forward(est, targets, teacher, pair_masks, source_weights, masks, weights,
+                                              divisor)
+
+
+def backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor):
+    masks = candidate_masks(est.shape[1], NUM_MIXTURES, "generalized")
+    return _extension.noise_robust_l1_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best,
+                                               masks, weights, divisor)
+
+
+backends.register(OP, "cpu", backends.Kernel(forward, backward))
