@@ -118,7 +118,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     dtype = common_dtype(est, targets, *([teacher_targets] if "teacher" in active else []))
     flat_est = fused_operand(est, dtype)
     flat_teacher = fused_operand(teacher_targets, dtype) if "teacher" in active else flat_est.new_empty(0)
-    loss, term_values, _ = noise_robust_op.noise_robust_l1(
+    loss, term_values, _ = noise_robust_op.noise_robust_l1_loss(
         flat_est, fused_operand(targets, dtype), flat_teacher, noise_robust_op.pair_masks(rows, batch, num_sources,
                                                                                          est.device),
         noise_robust_op.normalized_source_weights(source_weights, dtype, est.device),

@@ -1,5 +1,5 @@
 // CPU kernels of the fused noise-robust loss (iSeparate-SDX V1/V2): L1 + mixture consistency + MixIT + teacher L1,
-// the algorithm of the Triton kernels in nrt_kernels/ops/noise_robust_l1.py on the subset search of subset_l1.h.
+// the algorithm of the Triton kernels in nrt_kernels/ops/noise_robust_l1/triton.py on the subset search of subset_l1.h.
 //
 // Forward, stage 1 (parallel over (row, tile of D), fixed tiles): one pass over est, targets and teacher targets
 // chunk by chunk.  Per source it adds |est - y| and |est - teacher| into that source's lane accumulators, sums the
@@ -11,9 +11,10 @@
 // increasing order and combines the terms.  Every sum has a fixed order: results are bitwise identical for any
 // number of threads.
 //
-// Backward (parallel over (row, tile)): per chunk, the signs every source shares (the chosen candidate's two
-// mixture errors, the consistency error), then per source grad = the l1, teacher, consistency and MixIT
-// gradients in that order, the same chunk of est, targets and teacher targets re-read from L1.
+// Backward (parallel over (row, tile)): per chunk, one pass over the sources' est, targets and teacher targets
+// gives each source's own l1 and teacher gradient and the sums behind the signs every source shares (the chosen
+// candidate's two mixture errors, the consistency error); a second pass over the chunk's buffers (in L1) adds
+// those: grad = the l1, teacher, consistency and MixIT gradients in that order.
 //
 // A term whose weight is 0 reads nothing and computes nothing.
 #include "noise_robust_l1_cpu.h"
@@ -277,14 +278,24 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
   *loss.data_ptr<acc_t>() = weighted / static_cast<acc_t>(divisor);
 }
 
-// One source's share of the sums the backward's signs need, over `size` elements: est into its mixture under the
-// chosen candidate, y into its pairing mixture, both into the totals; in increasing source order, as the forward.
+// Backward pass 1 for one source over `size` elements, its inputs read once: its own terms' gradient (l1, then
+// teacher) and its share of the sums behind the signs every source shares (est into its mixture under the chosen
+// candidate, y into its pairing mixture, both into the totals, in increasing source order as in the forward).
+// Without shared terms the gradient is final and goes straight to `grad`; otherwise to `own` (if the source has
+// terms of its own), for pass 2.
+// Every product has a factor sign in {-1, 0, 1}: exact, so a fused multiply-add rounds alike.
 template <int kTerms, typename scalar_t, typename acc_t>
-NRT_ISA_CLONES void source_sums(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y, int64_t size,
-                                acc_t* __restrict__ est_mix, acc_t* __restrict__ y_mix, acc_t* __restrict__ est_total,
-                                acc_t* __restrict__ y_total) {
+NRT_ISA_CLONES void source_backward(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y,
+                                    const scalar_t* __restrict__ teacher, int64_t size, acc_t l1_coef,
+                                    acc_t teacher_coef, acc_t* __restrict__ est_mix, acc_t* __restrict__ y_mix,
+                                    acc_t* __restrict__ est_total, acc_t* __restrict__ y_total,
+                                    acc_t* __restrict__ own, scalar_t* __restrict__ grad) {
+  constexpr bool kTargets = (kTerms & (kL1 | kConsistency | kMixit)) != 0;
+  constexpr bool kShared = (kTerms & (kConsistency | kMixit)) != 0;
+  constexpr bool kOwn = (kTerms & (kL1 | kTeacher)) != 0;
   for (int64_t l = 0; l < size; ++l) {
-    const acc_t e = static_cast<acc_t>(est[l]), target = static_cast<acc_t>(y[l]);
+    const acc_t e = static_cast<acc_t>(est[l]);
+    const acc_t target = kTargets ? static_cast<acc_t>(y[l]) : acc_t(0);
     if constexpr ((kTerms & kMixit) != 0) {
       est_mix[l] += e;
       y_mix[l] += target;
@@ -293,22 +304,24 @@ NRT_ISA_CLONES void source_sums(const scalar_t* __restrict__ est, const scalar_t
       est_total[l] += e;
       y_total[l] += target;
     }
+    acc_t g = acc_t(0);
+    if constexpr ((kTerms & kL1) != 0) g += l1_coef * sign(e - target);
+    if constexpr ((kTerms & kTeacher) != 0) g += teacher_coef * sign(e - static_cast<acc_t>(teacher[l]));
+    if constexpr (!kShared) {
+      grad[l] = static_cast<scalar_t>(g);
+    } else if constexpr (kOwn) {
+      own[l] = g;
+    }
   }
 }
 
-// One source's gradient over `size` elements: the l1, teacher, consistency and MixIT terms in that order, the
-// last two as precomputed signed coefficients.  Every product has a factor sign in {-1, 0, 1}: exact, so a fused
-// multiply-add rounds alike.
+// Backward pass 2 for one source: its own terms' gradient (if any) plus the consistency and MixIT terms' signed
+// coefficients, in that order.
 template <int kTerms, typename scalar_t, typename acc_t>
-NRT_ISA_CLONES void source_gradients(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y,
-                                     const scalar_t* __restrict__ teacher, int64_t size, acc_t l1_coef,
-                                     acc_t teacher_coef, const acc_t* __restrict__ consistency,
-                                     const acc_t* __restrict__ mixture, scalar_t* __restrict__ grad) {
+NRT_ISA_CLONES void source_finish(const acc_t* __restrict__ own, const acc_t* __restrict__ consistency,
+                                  const acc_t* __restrict__ mixture, int64_t size, scalar_t* __restrict__ grad) {
   for (int64_t l = 0; l < size; ++l) {
-    const acc_t e = static_cast<acc_t>(est[l]);
-    acc_t g = acc_t(0);
-    if constexpr ((kTerms & kL1) != 0) g += l1_coef * sign(e - static_cast<acc_t>(y[l]));
-    if constexpr ((kTerms & kTeacher) != 0) g += teacher_coef * sign(e - static_cast<acc_t>(teacher[l]));
+    acc_t g = (kTerms & (kL1 | kTeacher)) != 0 ? own[l] : acc_t(0);
     if constexpr ((kTerms & kConsistency) != 0) g += consistency[l];
     if constexpr ((kTerms & kMixit) != 0) g += mixture[l];
     grad[l] = static_cast<scalar_t>(g);
@@ -317,24 +330,24 @@ NRT_ISA_CLONES void source_gradients(const scalar_t* __restrict__ est, const sca
 
 template <typename scalar_t, typename acc_t>
 struct BackwardSource {
-  using Sums = void (*)(const scalar_t*, const scalar_t*, int64_t, acc_t*, acc_t*, acc_t*, acc_t*);
-  using Gradients = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t, const acc_t*,
-                             const acc_t*, scalar_t*);
+  using Backward = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t, acc_t*, acc_t*,
+                            acc_t*, acc_t*, acc_t*, scalar_t*);
+  using Finish = void (*)(const acc_t*, const acc_t*, const acc_t*, int64_t, scalar_t*);
 
   template <int kTerms>
-  struct PickSums {  // only the consistency and MixIT terms need sums
-    static constexpr Sums value = &source_sums<kTerms & (kConsistency | kMixit), scalar_t, acc_t>;
+  struct PickBackward {
+    static constexpr Backward value = &source_backward<kTerms, scalar_t, acc_t>;
   };
   template <int kTerms>
-  struct PickGradients {
-    static constexpr Gradients value = &source_gradients<kTerms, scalar_t, acc_t>;
+  struct PickFinish {
+    static constexpr Finish value = &source_finish<kTerms, scalar_t, acc_t>;
   };
 
-  Sums sums;
-  Gradients gradients;
+  Backward backward;
+  Finish finish;
 
   explicit BackwardSource(const ActiveTerms& use)
-      : sums(for_term_set<PickSums>(term_set(use))), gradients(for_term_set<PickGradients>(term_set(use))) {}
+      : backward(for_term_set<PickBackward>(term_set(use))), finish(for_term_set<PickFinish>(term_set(use))) {}
 };
 
 // The gradient coefficients of one call, each term's d loss / d |error| at grad_loss.
@@ -345,7 +358,8 @@ struct Coefficients {
 };
 
 // Backward for one row over [begin, end).  `workspace`: [2][kBackwardChunk] est mixtures (then their signed
-// coefficients), [2][kBackwardChunk] target mixtures, [kBackwardChunk] est and target totals.
+// coefficients), [2][kBackwardChunk] target mixtures, [kBackwardChunk] est and target totals (then the signed
+// consistency coefficient), [S][kBackwardChunk] the sources' own gradients.
 template <typename scalar_t, typename acc_t>
 NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
                                    const int64_t* chosen_mixture, const int64_t* target_mixture, ActiveTerms use,
@@ -356,33 +370,34 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
   acc_t* __restrict__ y_mix = est_mix + kMixtures * kBackwardChunk;
   acc_t* __restrict__ est_total = y_mix + kMixtures * kBackwardChunk;
   acc_t* __restrict__ y_total = est_total + kBackwardChunk;
+  acc_t* __restrict__ own = y_total + kBackwardChunk;
+  const bool shared = use.mixit || use.consistency;
   for (int64_t start = begin; start < end; start += kBackwardChunk) {
     const int64_t size = std::min(kBackwardChunk, end - start);
-    if (use.mixit || use.consistency) {
-      // The signs every source shares: each mixture error of the chosen candidate against the pairing's
-      // mixtures, and the consistency error, from the forward's sums.
-      std::fill(workspace, workspace + (2 * kMixtures + 2) * kBackwardChunk, acc_t(0));
-      for (int64_t s = 0; s < num_sources; ++s) {
-        const int64_t offset = s * length + start;
-        source.sums(est_row + offset, y_row + offset, size, est_mix + chosen_mixture[s] * kBackwardChunk,
-                    y_mix + target_mixture[s] * kBackwardChunk, est_total, y_total);
-      }
-      if (use.mixit) {
-        for (int64_t n = 0; n < kMixtures; ++n) {
-          acc_t* __restrict__ em = est_mix + n * kBackwardChunk;
-          const acc_t* __restrict__ ym = y_mix + n * kBackwardChunk;
-          for (int64_t l = 0; l < size; ++l) em[l] = coef.mixit * sign(em[l] - ym[l]);
-        }
-      }
-      if (use.consistency) {
-        for (int64_t l = 0; l < size; ++l) est_total[l] = coef.consistency * sign(est_total[l] - y_total[l]);
-      }
-    }
+    if (shared) std::fill(workspace, workspace + (2 * kMixtures + 2) * kBackwardChunk, acc_t(0));
     for (int64_t s = 0; s < num_sources; ++s) {
       const int64_t offset = s * length + start;
-      source.gradients(est_row + offset, use.l1 ? y_row + offset : nullptr,
-                       use.teacher ? teacher_row + offset : nullptr, size, coef.l1[s], coef.teacher[s], est_total,
-                       est_mix + chosen_mixture[s] * kBackwardChunk, grad_row + offset);
+      source.backward(est_row + offset, use.reads_targets() ? y_row + offset : nullptr,
+                      use.teacher ? teacher_row + offset : nullptr, size, coef.l1[s], coef.teacher[s],
+                      est_mix + chosen_mixture[s] * kBackwardChunk, y_mix + target_mixture[s] * kBackwardChunk,
+                      est_total, y_total, own + s * kBackwardChunk, grad_row + offset);
+    }
+    if (!shared) continue;
+    // The signs every source shares: each mixture error of the chosen candidate against the pairing's mixtures,
+    // and the consistency error.
+    if (use.mixit) {
+      for (int64_t n = 0; n < kMixtures; ++n) {
+        acc_t* __restrict__ em = est_mix + n * kBackwardChunk;
+        const acc_t* __restrict__ ym = y_mix + n * kBackwardChunk;
+        for (int64_t l = 0; l < size; ++l) em[l] = coef.mixit * sign(em[l] - ym[l]);
+      }
+    }
+    if (use.consistency) {
+      for (int64_t l = 0; l < size; ++l) est_total[l] = coef.consistency * sign(est_total[l] - y_total[l]);
+    }
+    for (int64_t s = 0; s < num_sources; ++s) {
+      source.finish(own + s * kBackwardChunk, est_total, est_mix + chosen_mixture[s] * kBackwardChunk, size,
+                    grad_row + s * length + start);
     }
   }
 }
@@ -420,10 +435,13 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
 
   const BackwardSource<scalar_t, acc_t> source(use);
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> workspace(static_cast<size_t>((2 * kMixtures + 2) * kBackwardChunk));
+    std::vector<acc_t> workspace(static_cast<size_t>((2 * kMixtures + 2 + num_sources) * kBackwardChunk));
     int64_t chosen_mixture[kMaxSources] = {}, target_mixture[kMaxSources] = {};
     for (int64_t item = first; item < last; ++item) {
-      const int64_t row = item / num_tiles, tile = item % num_tiles;
+      // Last tile first: the backward starts where the forward ended, on inputs still in the cache (and ends where
+      // the next forward starts).
+      const int64_t reversed = batch * num_tiles - 1 - item;
+      const int64_t row = reversed / num_tiles, tile = reversed % num_tiles;
       if (use.mixit) {
         const int32_t* candidate = mask_data + best_data[row] * kMixtures;
         for (int64_t s = 0; s < num_sources; ++s) {

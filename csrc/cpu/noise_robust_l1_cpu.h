@@ -1,5 +1,5 @@
-// CPU kernels of the fused noise-robust loss, iSeparate-SDX V1/V2 (see nrt_kernels/ops/noise_robust_l1.py for the
-// semantics, which these kernels share with the Triton kernels there).
+// CPU kernels of the fused noise-robust loss, iSeparate-SDX V1/V2 (see nrt_kernels/ops/noise_robust_l1/ for the
+// semantics, which these kernels share with the Triton kernels in triton.py there).
 #pragma once
 
 #include <tuple>

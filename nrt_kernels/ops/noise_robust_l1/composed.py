@@ -33,7 +33,7 @@ def _source_l1(est, targets, source_weights):
 def _noisy_mixtures(targets, rows):
     # Mixture 0 sums the stems in the first half of each row's pairing, mixture 1 the rest.
     half = targets.shape[1] // 2
-    rows = rows.to(targets.device)
+    rows = rows.to(targets.device).expand(targets.shape[0], -1)
     index = rows.view(*rows.shape, *(1,) * (targets.ndim - 2)).expand(-1, -1, *targets.shape[2:])
     paired = targets.gather(1, index)
     return torch.stack([paired[:, :half].sum(1), paired[:, half:].sum(1)], dim=1)
