@@ -430,3 +430,32 @@ def test_cpu_kernel_bitwise_identical_for_any_thread_count(dtype, version, weigh
     for other in results[1:]:
         assert torch.equal(other[0], first[0]) and torch.equal(other[2], first[2])
         assert all(torch.equal(other[1][name], first[1][name]) for name in first[1])
+
+
+@FUSED_BACKENDS
+def test_eager_path_equals_the_custom_op(impl, device):
+    # Eager calls on plain tensors skip torch.library's dispatch; the custom op (what torch.compile traces) must
+    # give the same loss, terms, best candidates and gradient, bit for bit.
+    from nrt_kernels.ops.noise_robust_l1 import noise_robust_l1_loss
+    est, targets, teacher, pairing = make_inputs(batch=2, trailing=(40,), dtype=torch.float32, seed=26, device=device)
+    masks = torch.tensor([0b0011, 0b0101], dtype=torch.int32, device=est.device)
+    args = (targets, teacher, masks, est.new_empty(0), [1.0, 0.5, 2.0, 0.5], 4.0, impl)
+    results = []
+    for op in (noise_robust_l1_loss, noise_robust_l1):
+        leaf = est.detach().clone().requires_grad_(True)
+        loss, terms, best = op(leaf, *args)
+        (grad,) = torch.autograd.grad(loss * 3.0, leaf)
+        results.append((loss, terms, best, grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@needs_cpu_backend
+def test_fake_tensors_take_the_custom_op():
+    # A FakeTensor has no data for a kernel: the front-end and the op must dispatch it to the fake implementations.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        est = torch.randn(2, 4, 2, 30, requires_grad=True)
+        loss = nrt_kernels.noise_robust_loss(est, torch.randn(2, 4, 2, 30), version="v1", weights=[1, 2, 0],
+                                             impl="cpu")
+        loss.backward()
+        assert loss.shape == () and est.grad.shape == est.shape

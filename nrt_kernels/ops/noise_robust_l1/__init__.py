@@ -106,10 +106,9 @@ class _EagerNoiseRobustL1(torch.autograd.Function):
 
 def noise_robust_l1_loss(est, targets, teacher, pair_masks, source_weights, weights: list[float], divisor: float,
                          impl: str):
-    """``noise_robust_l1`` with autograd: the custom op where torch.compile traces it, a tensor subclass (such as a
-    FakeTensor) dispatches it or a torch.func transform wraps it; the direct path otherwise."""
-    if (torch.compiler.is_compiling() or type(est) is not torch.Tensor
-            or torch._C._are_functorch_transforms_active()):
+    """``noise_robust_l1`` with autograd: the custom op where torch.compile traces it or a tensor subclass (such as
+    a FakeTensor) dispatches it; the direct path otherwise."""
+    if torch.compiler.is_compiling() or type(est) is not torch.Tensor:
         return noise_robust_l1(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
     return _EagerNoiseRobustL1.apply(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
 
@@ -147,9 +146,9 @@ def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device) 
     if rows is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
     half = num_sources // 2
-    if rows.device.type == "cpu" and not torch.compiler.is_compiling():
+    if rows.device.type == "cpu" and type(rows) is torch.Tensor and not torch.compiler.is_compiling():
         # Host rows as Python ints: one small tensor instead of five small ops (a quarter of the host time of a
-        # small call).
+        # small call).  Traced or fake rows have no values to read.
         if rows.ndim == 1:
             masks = torch.full((batch,), sum(1 << source for source in rows[:half].tolist()), dtype=torch.int32)
         else:
