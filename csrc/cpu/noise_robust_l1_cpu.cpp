@@ -475,8 +475,8 @@ void check_inputs(const at::Tensor& est, const at::Tensor& targets, const at::Te
               "teacher must be empty or have the shape and dtype of est, got ", teacher.sizes(), " ",
               teacher.scalar_type());
   const int64_t num_sources = est.size(1);
-  TORCH_CHECK(num_sources >= 2 && num_sources % 2 == 0 && num_sources <= kMaxSources,
-              "an even number of sources up to ", kMaxSources, " is supported, got ", num_sources);
+  TORCH_CHECK(num_sources >= 1 && num_sources <= kMaxSources, "1 to ", kMaxSources, " sources are supported, got ",
+              num_sources);
   TORCH_CHECK(pair_masks.scalar_type() == at::kInt && pair_masks.dim() == 1 && pair_masks.size(0) == est.size(0),
               "pair_masks must be (B,) int32, got ", pair_masks.sizes(), " ", pair_masks.scalar_type());
   const auto acc_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
