@@ -212,8 +212,8 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
       const int64_t row_offset = row * num_sources * length;
       tile_partials<scalar_t, acc_t>(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
                                      teacher_data ? teacher_data + row_offset : nullptr, pair_data[row], use,
-                                     source_fn, layout, length, tile * kTile, std::min(length, (tile + 1) * kTile), chunk,
-                                     workspace.data(), partials.data() + item * per_tile);
+                                     source_fn, layout, length, tile * kTile, std::min(length, (tile + 1) * kTile),
+                                     chunk, workspace.data(), partials.data() + item * per_tile);
     }
   });
 

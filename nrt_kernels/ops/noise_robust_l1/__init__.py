@@ -5,10 +5,11 @@ Terms, each a mean over the batch: ``l1`` = |est - targets| (a weighted mean ove
 |sum_s est - sum_s targets|, ``mixit`` = the generalized MixIT L1 of est against the two mixtures that a pairing
 forms from the noisy targets, ``teacher`` = the l1 against teacher targets.
 
-Kernel backends (``triton.py``; ``cuda`` is the same Triton kernel) register ``forward(est, targets, teacher,
-pair_masks, source_weights, weights, divisor) -> (loss, terms, best)`` and ``backward(grad_loss, est, targets,
-teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``.  A backend without a fused kernel
+Kernel backends (``triton.py``, ``cuda`` being the same Triton kernel; ``cpu.py``, the C++ kernel) register
+``forward(est, targets, teacher, pair_masks, source_weights, weights, divisor) -> (loss, terms, best)`` and
+``backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``.  A backend without a fused kernel
 registers a :class:`composed.Composition` instead: the MixIT op of that backend with the other terms in PyTorch.
+Eager calls on plain tensors go through :func:`noise_robust_l1_loss`, which skips torch.library's dispatch.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The noise-robust loss composed from other ops, for a backend without a fused V1/V2 kernel: that backend's
 MixIT L1 op with the other terms in PyTorch (autograd differentiates them, targets included).
 
-The "cpu" backend (``cpu.py``) is this composition until a fused C++ kernel exists; on any backend it runs when
-targets or teacher targets require grad (the fused kernels differentiate est only).
+Every backend has a fused kernel today (``triton.py``, ``cpu.py``); on any backend this composition runs when
+targets, teacher targets or source weights require grad (the fused kernels differentiate est only).
 """
 from __future__ import annotations
 
