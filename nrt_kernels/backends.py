@@ -115,8 +115,9 @@ def check_autograd_transforms(op: str, *tensors: torch.Tensor) -> None:
     unsupported = None
     if torch._C._are_functorch_transforms_active():
         unsupported = "torch.func transforms (grad, vmap, jacrev, jvp, ...)"
-    elif not torch.compiler.is_compiling() and any(
-            torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors):
+    # Tangents exist only inside a dual level (forward_ad.dual_level); outside one, skip looking (host time).
+    elif (not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+          and any(torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)):
         unsupported = "forward-mode AD (dual tensors)"
     if unsupported:
         raise NotImplementedError(

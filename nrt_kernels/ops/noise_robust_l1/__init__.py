@@ -179,7 +179,7 @@ def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device,
         # Host rows as Python ints: one small tensor instead of five small ops (a quarter of the host time of a
         # small call).  Traced or fake rows have no values to read.
         if rows.ndim == 1:
-            masks = torch.full((batch,), sum(1 << source for source in rows[:first].tolist()), dtype=torch.int32)
+            masks = torch.full((batch,), sum(1 << source for source in rows.tolist()[:first]), dtype=torch.int32)
         else:
             masks = torch.tensor([sum(1 << source for source in row[:first]) for row in rows.tolist()],
                                  dtype=torch.int32)
