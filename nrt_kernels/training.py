@@ -20,8 +20,44 @@ from torch import nn
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel (and DataParallel) keep the real model in .module.
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    # DistributedDataParallel (and DataParallel) keep the real model in .module, torch.compile in ._orig_mod.
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _paired(online, average, what: str) -> tuple[list, list]:
+    online, average = list(online), list(average)
+    if len(online) != len(average):
+        raise ValueError(f"the model has {len(online)} {what}, the teacher {len(average)}: the teacher must be a "
+                         f"copy of the model it follows")
+    return online, average
+
+
+def _group_by_target(sources: list, targets: list) -> dict:
+    """{(device, dtype): (sources, targets)} keyed by the targets' device and dtype, every source converted to
+    its target's, so that each group is one foreach call on uniform tensors (the fast path on CUDA)."""
+    groups = {}
+    for source, target in zip(sources, targets):
+        if source.shape != target.shape:
+            raise ValueError(f"a model tensor of shape {tuple(source.shape)} meets a teacher tensor of shape "
+                             f"{tuple(target.shape)}: the teacher must be a copy of the model it follows")
+        device, dtype = target.device, target.dtype
+        if source.device != device or source.dtype != dtype:
+            source = source.to(device=device, dtype=dtype)
+        group = groups.setdefault((device, dtype), ([], []))
+        group[0].append(source)
+        group[1].append(target)
+    return groups
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# torch._foreach_copy_ appeared in torch 2.1; before it, one copy_ per buffer.
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
 
 
 class EMATeacher:
@@ -51,16 +87,33 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step of the average: ``p_ema = p_ema * (1 - w) + p * w`` for every parameter (``w`` from
+        :meth:`update_weight`; ModelEMA2's formula, and its operation order for float32 / float64) and a copy of
+        every buffer.  Two foreach calls per (device, dtype) group of parameters and one per group of buffers,
+        instead of two launches per tensor.  ``model`` may be wrapped in DDP / DataParallel / torch.compile; its
+        parameters may live on other devices or in other dtypes than the teacher's (they are converted to the
+        teacher's).  A model that does not match the teacher raises ValueError and changes nothing."""
         model = _unwrap(model)
-        weight = self.update_weight()
-        online = list(model.parameters())
-        average = list(self.model.parameters())
-        if len(online) != len(average):
-            raise ValueError(f"the model has {len(online)} parameters, the teacher {len(average)}")
-        for source, target in zip(online, average):
-            target.mul_(1.0 - weight).add_(source.detach().to(target.dtype), alpha=weight)
-        for source, target in zip(model.buffers(), self.model.buffers()):
-            target.copy_(source.detach())
+        online, average = _paired(model.parameters(), self.model.parameters(), "parameters")
+        online_buffers, average_buffers = _paired(model.buffers(), self.model.buffers(), "buffers")
+        parameter_groups = _group_by_target(online, average)  # under no_grad: no detach needed
+        buffer_groups = _group_by_target(online_buffers, average_buffers)
+        weight = self.update_weight()  # only once every check has passed: a failed update changes nothing
+        for (_, dtype), (sources, targets) in parameter_groups.items():
+            if dtype in _HALF_DTYPES:
+                # A foreach mul_ would round the scalar (1 - w) to the half dtype (0.9995 becomes 1.0 in
+                # bfloat16); lerp computes p_ema + w * (p - p_ema) in float32 with a float32 weight.
+                torch._foreach_lerp_(targets, sources, weight)
+            else:
+                # ModelEMA2's two operations: the same float32 / float64 results as its per-tensor loop.
+                torch._foreach_mul_(targets, 1.0 - weight)
+                torch._foreach_add_(targets, sources, alpha=weight)
+        for sources, targets in buffer_groups.values():
+            if _foreach_copy is None:
+                for source, target in zip(sources, targets):
+                    target.copy_(source)
+            else:
+                _foreach_copy(targets, sources)
 
     def separate(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """The teacher's sources for input ``x``, under inference mode.  Keyword arguments (iSeparate's
