@@ -167,7 +167,8 @@ class LossSchedule:
     ``schedule(epoch, iteration)`` gives both; ``teacher`` is false where the teacher weight is 0.
     """
 
-    def __init__(self, table, milestones, teacher_interval: int = 1, iterations_per_epoch: int | None = None):
+    def __init__(self, table, milestones, teacher_interval: int = 1, iterations_per_epoch: int | None = None,
+                 epochs: int | None = None):
         table = [tuple(row) for row in table]
         milestones = list(milestones)
         if len(table) != len(milestones) + 1:
@@ -184,19 +185,33 @@ class LossSchedule:
         self.milestones = milestones
         self.teacher_interval = teacher_interval
         self.iterations_per_epoch = iterations_per_epoch
+        self.epochs = epochs
 
     @classmethod
     def v1(cls) -> "LossSchedule":
         """Wavelet-HTDemucs: [l1, mixit, teacher] = [1,1,0] (epochs 1-100), [1,2,1] (101-200), [0,2,1] (201+);
-        teacher every 2nd iteration; 300 iterations per epoch."""
-        return cls([[1, 1, 0], [1, 2, 1], [0, 2, 1]], [100, 200], teacher_interval=2, iterations_per_epoch=300)
+        teacher every 2nd iteration; 300 iterations per epoch; a run of 300 epochs (100 per phase)."""
+        return cls([[1, 1, 0], [1, 2, 1], [0, 2, 1]], [100, 200], teacher_interval=2, iterations_per_epoch=300,
+                   epochs=300)
 
     @classmethod
     def v2(cls) -> "LossSchedule":
         """DWT-Transformer-UNet: [l1, consistency, mixit, teacher] = [1,0,2,0] (epochs 1-30),
-        [0.5,0.5,2,0.5] (31-50), [0,1,2,1] (51+); teacher every 2nd iteration; 2500 iterations per epoch."""
+        [0.5,0.5,2,0.5] (31-50), [0,1,2,1] (51+); teacher every 2nd iteration; 2500 iterations per epoch; a run
+        of 70 epochs, 20 in the last phase (iSeparate does not say how long it ran; its config allows 350, and it
+        saw V2 turn unstable when trained longer)."""
         return cls([[1, 0, 2, 0], [0.5, 0.5, 2, 0.5], [0, 1, 2, 1]], [30, 50], teacher_interval=2,
-                   iterations_per_epoch=2500)
+                   iterations_per_epoch=2500, epochs=70)
+
+    def compressed(self, epochs: int) -> "LossSchedule":
+        """The same table with its milestones scaled from this schedule's run of ``self.epochs`` epochs to one of
+        ``epochs`` (each milestone at least 1): for short runs that pass through every phase."""
+        if self.epochs is None:
+            raise ValueError("compressed() needs the schedule's run length: construct it with epochs=")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        milestones = [max(1, round(m * epochs / self.epochs)) for m in self.milestones]
+        return LossSchedule(self.table, milestones, teacher_interval=self.teacher_interval, epochs=epochs)
 
     def weights(self, epoch: int) -> tuple:
         if epoch < 1:
