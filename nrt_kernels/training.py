@@ -13,6 +13,10 @@ from __future__ import annotations
 import bisect
 import copy
 import numbers
+import os
+import random
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -224,3 +228,170 @@ class LossSchedule:
     def __call__(self, epoch: int, iteration: int) -> ScheduleStep:
         weights = self.weights(epoch)
         return ScheduleStep(weights, weights[-1] != 0 and self.teacher_enabled(iteration))
+
+
+def _generator_state(generator):
+    """The state of a torch.Generator, a random.Random or a numpy Generator / RandomState, in types that
+    ``torch.load(weights_only=True)`` reads back (tensors, numbers, strings, tuples, lists, dicts)."""
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, random.Random):
+        return generator.getstate()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(generator, numpy.random.Generator):
+        return generator.bit_generator.state
+    if numpy is not None and isinstance(generator, numpy.random.RandomState):
+        return _numpy_legacy_state(generator.get_state(legacy=False))
+    raise TypeError(f"generators must be torch.Generator, random.Random or numpy.random.Generator / RandomState, "
+                    f"got {type(generator).__name__}")
+
+
+def _set_generator_state(generator, state) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, random.Random):
+        generator.setstate(state)
+    elif isinstance(generator, sys.modules["numpy"].random.Generator):
+        generator.bit_generator.state = state
+    else:
+        generator.set_state(_numpy_legacy_state(state, restore=True))
+
+
+def _numpy_legacy_state(state: dict, restore: bool = False) -> dict:
+    # MT19937's key is a uint32 array, which weights_only loading refuses: it travels as a list of ints.
+    inner = dict(state["state"])
+    if restore:
+        import numpy
+
+        inner["key"] = numpy.asarray(inner["key"], dtype=numpy.uint32)
+    else:
+        inner["key"] = inner["key"].tolist()
+    return {**state, "state": inner}
+
+
+def _schedule_config(schedule: LossSchedule) -> dict:
+    return {"table": [list(row) for row in schedule.table], "milestones": list(schedule.milestones),
+            "teacher_interval": schedule.teacher_interval}
+
+
+class TrainingState:
+    """Everything a training loop needs to continue exactly where it stopped, gathered and restored in one place:
+    the model, the optimizer, the LR scheduler (if any), the EMA teacher with its count, the loop's position
+    (``epoch``: epochs completed; ``iteration``: global iterations completed, the counter
+    :class:`LossSchedule`'s teacher cadence reads), every global generator (torch's CPU generator, the CUDA
+    generators once CUDA is initialised, python's ``random``, numpy's global one once numpy is imported) and the
+    loop's own generators (``generators={"batches": torch.Generator(), ...}``: data order, pairings, noise).
+    ``extra`` is a dict of the loop's own numbers, strings, lists or dicts, saved and restored with the rest.
+
+    A loop that resumes from ``save``'s file with the same objects built the same way ends bitwise equal to one
+    that never stopped, on the same device and torch version (tests/test_resume.py)::
+
+        state = TrainingState(model, optimizer, teacher=ema, schedule=schedule, generators={"batches": gen})
+        if resume: state.load(path)
+        for epoch in range(state.epoch + 1, epochs + 1):
+            for _ in range(iterations):
+                step = schedule(epoch, state.iteration); ...; state.iteration += 1
+            state.epoch = epoch
+            state.save(path)
+
+    Under DistributedDataParallel every rank has its own generator states: save one file per rank.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, teacher: EMATeacher | None = None,
+                 scheduler=None, schedule: LossSchedule | None = None, generators: dict | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.teacher = teacher
+        self.scheduler = scheduler
+        self.schedule = schedule
+        self.generators = dict(generators or {})
+        for generator in self.generators.values():
+            _generator_state(generator)  # a TypeError now rather than at the first save
+        self.epoch = 0
+        self.iteration = 0
+        self.extra = {}
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if "numpy" in sys.modules:
+            rng["numpy"] = _numpy_legacy_state(sys.modules["numpy"].random.get_state(legacy=False))
+        state = {
+            "format": self.FORMAT,
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "generators": {name: _generator_state(generator) for name, generator in self.generators.items()},
+            "extra": copy.deepcopy(self.extra),
+        }
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.schedule is not None:
+            state["schedule"] = _schedule_config(self.schedule)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore everything :meth:`state_dict` gathered.  Raises ValueError, before changing anything, when the
+        state does not fit this loop (a teacher, scheduler or generator on one side only, another schedule)."""
+        if state.get("format") != self.FORMAT:
+            raise ValueError(f"not a TrainingState of format {self.FORMAT} (format {state.get('format')!r})")
+        for name, present in (("teacher", self.teacher), ("scheduler", self.scheduler), ("schedule", self.schedule)):
+            if (name in state) != (present is not None):
+                where = "the saved state" if name in state else "this loop"
+                raise ValueError(f"only {where} has a {name}: build the loop with the objects it was saved with")
+        if sorted(state["generators"]) != sorted(self.generators):
+            raise ValueError(f"the saved state has generators {sorted(state['generators'])}, this loop "
+                             f"{sorted(self.generators)}")
+        if self.schedule is not None and state["schedule"] != _schedule_config(self.schedule):
+            raise ValueError(f"the saved state was trained with the schedule {state['schedule']}, this loop has "
+                             f"{_schedule_config(self.schedule)}")
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        for name, generator in self.generators.items():
+            _set_generator_state(generator, state["generators"][name])
+        self._set_global_rng(state["rng"])
+        self.epoch = state["epoch"]
+        self.iteration = state["iteration"]
+        self.extra = copy.deepcopy(state["extra"])
+
+    @staticmethod
+    def _set_global_rng(rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "numpy" in rng:
+            import numpy
+
+            numpy.random.set_state(_numpy_legacy_state(rng["numpy"], restore=True))
+        if "cuda" in rng:
+            saved = len(rng["cuda"])
+            present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if present != saved:
+                warnings.warn(f"the state holds the generators of {saved} CUDA devices, this process sees "
+                              f"{present}: their draws will not continue where they stopped", stacklevel=3)
+            if present:
+                torch.cuda.set_rng_state_all(rng["cuda"][:present])
+
+    def save(self, path) -> None:
+        """Write :meth:`state_dict` with ``torch.save``, through a temporary file: a run killed while saving
+        leaves the previous checkpoint intact."""
+        path = os.fspath(path)
+        temporary = f"{path}.tmp"
+        torch.save(self.state_dict(), temporary)
+        os.replace(temporary, path)
+
+    def load(self, path, map_location="cpu") -> None:
+        """Read a file :meth:`save` wrote (``torch.load(weights_only=True)``: nothing but tensors and plain data
+        is unpickled) and restore it.  Tensors are copied into the model's and optimizer's own devices."""
+        self.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+
