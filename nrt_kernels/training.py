@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import copy
 import numbers
+import operator
 import os
 import random
 import sys
@@ -34,24 +35,53 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _paired(online, average, what: str) -> tuple[list, list]:
-    online, average = list(online), list(average)
+def _tensors(model: nn.Module) -> tuple[list, list]:
+    """``list(model.parameters()), list(model.buffers())`` from one walk over the modules, in the same order
+    (``named_modules``' pre-order, each module and each tensor once): ``parameters()`` builds a name for every
+    module and tensor, which on a CPU costs more than the foreach updates themselves."""
+    parameters, buffers, stack, seen = [], [], [model], set()
+    while stack:
+        module = stack.pop()
+        if module is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        parameters += module._parameters.values()
+        buffers += module._buffers.values()
+        stack += reversed(module._modules.values())
+    return _present_once(parameters), _present_once(buffers)
+
+
+def _present_once(tensors: list) -> list:
+    # As parameters() / buffers() yield them: no None (Linear(bias=False)), a tensor shared by modules once.
+    tensors = [tensor for tensor in tensors if tensor is not None]
+    if len(set(map(id, tensors))) != len(tensors):
+        tensors = list({id(tensor): tensor for tensor in tensors}.values())
+    return tensors
+
+
+def _check_pairs(online: list, average: list, what: str) -> None:
     if len(online) != len(average):
         raise ValueError(f"the model has {len(online)} {what}, the teacher {len(average)}: the teacher must be a "
                          f"copy of the model it follows")
-    return online, average
+    online_shapes, average_shapes = list(map(_shape, online)), list(map(_shape, average))
+    if online_shapes != average_shapes:
+        index = next(i for i, (a, b) in enumerate(zip(online_shapes, average_shapes)) if a != b)
+        raise ValueError(f"the model's {what[:-1]} {index} has shape {tuple(online_shapes[index])}, the teacher's "
+                         f"{tuple(average_shapes[index])}: the teacher must be a copy of the model it follows")
+
+
+_shape, _device, _dtype = operator.attrgetter("shape"), operator.attrgetter("device"), operator.attrgetter("dtype")
 
 
 def _group_by_target(sources: list, targets: list) -> dict:
     """{(device, dtype): (sources, targets)} keyed by the targets' device and dtype, every source converted to
     its target's, so that each group is one foreach call on uniform tensors (the fast path on CUDA)."""
+    keys = list(zip(map(_device, targets), map(_dtype, targets)))
+    if keys and len(set(keys)) == 1 and list(zip(map(_device, sources), map(_dtype, sources))) == keys:
+        return {keys[0]: (sources, targets)}  # the usual case, without a Python loop over the tensors
     groups = {}
-    for source, target in zip(sources, targets):
-        if source.shape != target.shape:
-            raise ValueError(f"a model tensor of shape {tuple(source.shape)} meets a teacher tensor of shape "
-                             f"{tuple(target.shape)}: the teacher must be a copy of the model it follows")
-        device, dtype = target.device, target.dtype
-        if source.device != device or source.dtype != dtype:
+    for source, target, (device, dtype) in zip(sources, targets, keys):
+        if source.dtype != dtype or source.device != device:
             source = source.to(device=device, dtype=dtype)
         group = groups.setdefault((device, dtype), ([], []))
         group[0].append(source)
@@ -98,19 +128,23 @@ class EMATeacher:
         parameters may live on other devices or in other dtypes than the teacher's (they are converted to the
         teacher's).  A model that does not match the teacher raises ValueError and changes nothing."""
         model = _unwrap(model)
-        online, average = _paired(model.parameters(), self.model.parameters(), "parameters")
-        online_buffers, average_buffers = _paired(model.buffers(), self.model.buffers(), "buffers")
+        online, online_buffers = _tensors(model)
+        average, average_buffers = _tensors(self.model)
+        _check_pairs(online, average, "parameters")
+        _check_pairs(online_buffers, average_buffers, "buffers")
         parameter_groups = _group_by_target(online, average)  # under no_grad: no detach needed
         buffer_groups = _group_by_target(online_buffers, average_buffers)
         weight = self.update_weight()  # only once every check has passed: a failed update changes nothing
-        for (_, dtype), (sources, targets) in parameter_groups.items():
+        for (device, dtype), (sources, targets) in parameter_groups.items():
             if dtype in _HALF_DTYPES:
                 # A foreach mul_ would round the scalar (1 - w) to the half dtype (0.9995 becomes 1.0 in
                 # bfloat16); lerp computes p_ema + w * (p - p_ema) in float32 with a float32 weight.
                 torch._foreach_lerp_(targets, sources, weight)
             else:
-                # ModelEMA2's two operations: the same float32 / float64 results as its per-tensor loop.
-                torch._foreach_mul_(targets, 1.0 - weight)
+                # ModelEMA2's two operations: the same float32 / float64 results as its per-tensor loop.  The
+                # factor as a 0-dim tensor: the CPU's foreach mul_ by a Python scalar wraps it once per tensor
+                # (4x slower); the value is the same float32 / float64 number either way.
+                torch._foreach_mul_(targets, torch.tensor(1.0 - weight, dtype=dtype, device=device))
                 torch._foreach_add_(targets, sources, alpha=weight)
         for sources, targets in buffer_groups.values():
             if _foreach_copy is None:
