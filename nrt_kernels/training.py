@@ -143,8 +143,9 @@ class EMATeacher:
             else:
                 # ModelEMA2's two operations: the same float32 / float64 results as its per-tensor loop.  The
                 # factor as a 0-dim tensor: the CPU's foreach mul_ by a Python scalar wraps it once per tensor
-                # (4x slower); the value is the same float32 / float64 number either way.
-                torch._foreach_mul_(targets, torch.tensor(1.0 - weight, dtype=dtype, device=device))
+                # (4x slower); the value is the same float32 / float64 number either way.  torch.full, not
+                # torch.tensor: on a GPU a fill kernel, not a host-to-device copy that waits for the stream.
+                torch._foreach_mul_(targets, torch.full((), 1.0 - weight, dtype=dtype, device=device))
                 torch._foreach_add_(targets, sources, alpha=weight)
         for sources, targets in buffer_groups.values():
             if _foreach_copy is None:
