@@ -275,6 +275,22 @@ def test_ddp_and_compiled_models_are_unwrapped():
         assert torch.equal(actual, wanted)
 
 
+def test_teacher_split_over_devices_gets_a_group_per_device():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = EMATeacher(model, decay=0.6)
+    ema.model[1:].to("meta")  # a second device without a GPU: no values, but a foreach group of its own
+    start = [p.detach().clone() for p in ema.model[0].parameters()]
+    states = []
+    for state in perturbed_states(model, 3):
+        ema.update(model)
+        states.append(state[:2])
+    expected, count = modelema2_reference(states, 0.6, True, start)
+    assert ema.count == count
+    for actual, wanted in zip(ema.model[0].parameters(), expected):
+        assert torch.equal(actual, wanted)
+    assert all(t.is_meta for t in [*ema.model[1].parameters(), *ema.model[2].buffers()])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_parameters_on_several_devices_and_a_teacher_on_the_cpu():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).cuda())  # e.g. a model split over devices
