@@ -35,19 +35,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _tensors(model: nn.Module) -> tuple[list, list]:
-    """``list(model.parameters()), list(model.buffers())`` from one walk over the modules, in the same order
-    (``named_modules``' pre-order, each module and each tensor once): ``parameters()`` builds a name for every
-    module and tensor, which on a CPU costs more than the foreach updates themselves."""
-    parameters, buffers, stack, seen = [], [], [model], set()
+def _modules(model: nn.Module) -> list:
+    """``list(model.modules())``: ``named_modules``' pre-order, each module once, without building the names
+    (which on a CPU cost more than the foreach updates themselves)."""
+    modules, stack, seen = [], [model], set()
     while stack:
         module = stack.pop()
         if module is None or id(module) in seen:
             continue
         seen.add(id(module))
+        modules.append(module)
+        stack += reversed(module._modules.values())
+    return modules
+
+
+def _tensors(modules: list) -> tuple[list, list]:
+    """``list(model.parameters()), list(model.buffers())`` of the model whose :func:`_modules` these are."""
+    parameters, buffers = [], []
+    for module in modules:
         parameters += module._parameters.values()
         buffers += module._buffers.values()
-        stack += reversed(module._modules.values())
     return _present_once(parameters), _present_once(buffers)
 
 
@@ -73,23 +80,23 @@ def _check_pairs(online: list, average: list, what: str) -> None:
 _shape, _device, _dtype = operator.attrgetter("shape"), operator.attrgetter("device"), operator.attrgetter("dtype")
 
 
-def _group_by_target(sources: list, targets: list) -> dict:
-    """{(device, dtype): (sources, targets)} keyed by the targets' device and dtype, every source converted to
-    its target's, so that each group is one foreach call on uniform tensors (the fast path on CUDA)."""
-    keys = list(zip(map(_device, targets), map(_dtype, targets)))
-    if keys and len(set(keys)) == 1 and list(zip(map(_device, sources), map(_dtype, sources))) == keys:
-        return {keys[0]: (sources, targets)}  # the usual case, without a Python loop over the tensors
+def _group_by_target(sources: list, targets: list) -> list:
+    """``[(sources, targets)]``, one group per device and dtype of the targets, every source converted to its
+    target's: each group is one foreach call on uniform tensors (the fast path on CUDA)."""
+    devices, dtypes = list(map(_device, targets)), list(map(_dtype, targets))
+    if (targets and devices.count(devices[0]) == len(devices) and dtypes.count(dtypes[0]) == len(dtypes)
+            and list(map(_dtype, sources)) == dtypes and list(map(_device, sources)) == devices):
+        return [(sources, targets)]  # the usual case, without a Python loop over the tensors
     groups = {}
-    for source, target, (device, dtype) in zip(sources, targets, keys):
+    for source, target, device, dtype in zip(sources, targets, devices, dtypes):
         if source.dtype != dtype or source.device != device:
             source = source.to(device=device, dtype=dtype)
         group = groups.setdefault((device, dtype), ([], []))
         group[0].append(source)
         group[1].append(target)
-    return groups
+    return list(groups.values())
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # torch._foreach_copy_ appeared in torch 2.1; before it, one copy_ per buffer.
 _foreach_copy = getattr(torch, "_foreach_copy_", None)
 
@@ -108,6 +115,8 @@ class EMATeacher:
         self.decay = decay
         self.unbiased = unbiased
         self.count = 0.0
+        self._checked_pairing, self._checked_tensors = None, None
+        self._teacher_modules = None
         self.model = copy.deepcopy(_unwrap(model)).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
@@ -121,33 +130,34 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One step of the average: ``p_ema = p_ema * (1 - w) + p * w`` for every parameter (``w`` from
-        :meth:`update_weight`; ModelEMA2's formula, and its operation order for float32 / float64) and a copy of
-        every buffer.  Two foreach calls per (device, dtype) group of parameters and one per group of buffers,
-        instead of two launches per tensor.  ``model`` may be wrapped in DDP / DataParallel / torch.compile; its
-        parameters may live on other devices or in other dtypes than the teacher's (they are converted to the
-        teacher's).  A model that does not match the teacher raises ValueError and changes nothing."""
+        """One step of the average, ``p_ema = p_ema * (1 - w) + p * w`` for every parameter (``w`` from
+        :meth:`update_weight`: ModelEMA2's formula), and a copy of every buffer.  One ``torch._foreach_lerp_``
+        (``p_ema + w * (p - p_ema)``, one rounding of the result, computed in float32 for half dtypes) per
+        (device, dtype) group of parameters and one ``_foreach_copy_`` per group of buffers, instead of two
+        launches per tensor; within float32 rounding of ModelEMA2's ``mul_`` + ``add_`` (which round twice, and a
+        foreach ``mul_`` would round (1 - w) to a half dtype: 0.9995 becomes 1.0 in bfloat16).  ``model`` may be
+        wrapped in DDP / DataParallel / torch.compile; its parameters may live on other devices or in other
+        dtypes than the teacher's (they are converted to the teacher's).  A model that does not match the teacher
+        raises ValueError and changes nothing.  The teacher's module tree is walked once: to restructure it,
+        assign a new ``self.model`` rather than new submodules."""
         model = _unwrap(model)
-        online, online_buffers = _tensors(model)
-        average, average_buffers = _tensors(self.model)
-        _check_pairs(online, average, "parameters")
-        _check_pairs(online_buffers, average_buffers, "buffers")
+        online, online_buffers = _tensors(_modules(model))
+        if self._teacher_modules is None or self._teacher_modules[0] is not self.model:
+            self._teacher_modules = _modules(self.model)  # the teacher's tree is ours: walked once
+        average, average_buffers = _tensors(self._teacher_modules)
+        pairing = tuple(tuple(map(id, tensors)) for tensors in (online, average, online_buffers, average_buffers))
+        if pairing != self._checked_pairing:
+            _check_pairs(online, average, "parameters")
+            _check_pairs(online_buffers, average_buffers, "buffers")
+            # The shapes of the same tensors are checked once.  The checked tensors are kept referenced, so that
+            # no new tensor can take one of their ids.
+            self._checked_pairing, self._checked_tensors = pairing, (online, average, online_buffers, average_buffers)
         parameter_groups = _group_by_target(online, average)  # under no_grad: no detach needed
         buffer_groups = _group_by_target(online_buffers, average_buffers)
         weight = self.update_weight()  # only once every check has passed: a failed update changes nothing
-        for (device, dtype), (sources, targets) in parameter_groups.items():
-            if dtype in _HALF_DTYPES:
-                # A foreach mul_ would round the scalar (1 - w) to the half dtype (0.9995 becomes 1.0 in
-                # bfloat16); lerp computes p_ema + w * (p - p_ema) in float32 with a float32 weight.
-                torch._foreach_lerp_(targets, sources, weight)
-            else:
-                # ModelEMA2's two operations: the same float32 / float64 results as its per-tensor loop.  The
-                # factor as a 0-dim tensor: the CPU's foreach mul_ by a Python scalar wraps it once per tensor
-                # (4x slower); the value is the same float32 / float64 number either way.  torch.full, not
-                # torch.tensor: on a GPU a fill kernel, not a host-to-device copy that waits for the stream.
-                torch._foreach_mul_(targets, torch.full((), 1.0 - weight, dtype=dtype, device=device))
-                torch._foreach_add_(targets, sources, alpha=weight)
-        for sources, targets in buffer_groups.values():
+        for sources, targets in parameter_groups:
+            torch._foreach_lerp_(targets, sources, weight)
+        for sources, targets in buffer_groups:
             if _foreach_copy is None:
                 for source, target in zip(sources, targets):
                     target.copy_(source)
