@@ -19,8 +19,9 @@ and evaluated by SDR against clean held-out stems.
     python python/label_noise_demo.py                 # seeds 0 1 2, about 40 minutes on a busy 2-core machine
     python python/label_noise_demo.py --quick         # smoke run (one seed, 80 steps), about a minute
 
-Writes results.json, sdr.png (SDR over training, per stem; mean and spread over the seeds) and losses.png
-(each loss term over training, first seed) to --out.
+Writes results.json (every number, the loss histories included; --replot redraws from it), sdr.png (SDR over
+training and per stem, mean and spread over the seeds) and losses.png (each loss term over training, first seed)
+to --out.
 """
 from __future__ import annotations
 
@@ -222,8 +223,9 @@ RECIPES = (
 
 def train(recipe: Recipe, data, test, args, init_state, seed: int, match_seconds: float | None = None):
     """Train one separator for ``args.steps`` steps, or, with ``match_seconds``, on until its training time
-    (evaluations excluded) reaches ``match_seconds``.  Returns its history and results: the final per-stem SDR
-    and, for a matched run, also the SDR after ``args.steps`` steps (the same run up to there)."""
+    (evaluations excluded) reaches ``match_seconds``.  Returns its results (plain data, as results.json holds
+    them): the final per-stem SDR, for a matched run also the SDR after ``args.steps`` steps (the same run up to
+    there), the SDR curve and the history of every loss term (None on steps that do not compute it)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed + 1)  # batches and MixIT pairings: the same draws for every recipe of a seed
@@ -240,10 +242,10 @@ def train(recipe: Recipe, data, test, args, init_state, seed: int, match_seconds
         schedule = getattr(LossSchedule, recipe.loss)().compressed(args.steps)
         teacher = EMATeacher(model, decay=args.ema_decay)
         make_teacher_targets = teacher_targets_v1 if recipe.loss == "v1" else teacher_targets_v2
-    history = {"step": [], "terms": {"loss": [], **{term: [] for term in term_names}}, "weights": [],
-               "eval_step": [], "eval_sdr": []}
+    history = {"step": [], "terms": {"loss": [], **{term: [] for term in term_names}}, "weights": []}
+    result = {"eval_step": [], "eval_sdr": [], "history": history}
     eval_every = max(1, args.steps // args.evals)
-    total_steps, seconds, result = args.steps, 0.0, {}
+    total_steps, seconds = args.steps, 0.0
     progress = tqdm(total=total_steps, desc=f"seed {seed} {recipe.name:>21}", unit="step", dynamic_ncols=True)
     step = 0
     while step < total_steps:
@@ -272,22 +274,21 @@ def train(recipe: Recipe, data, test, args, init_state, seed: int, match_seconds
         history["step"].append(step)
         history["terms"]["loss"].append(float(loss.detach()))
         for term in term_names:
-            history["terms"][term].append(float(terms[term]) if term in terms else math.nan)
+            history["terms"][term].append(float(terms[term]) if term in terms else None)
         if step % eval_every == 0 or step in (args.steps, total_steps):
-            history["eval_step"].append(step)
-            history["eval_sdr"].append(evaluate(model, test_mixtures, test_clean).tolist())
+            result["eval_step"].append(step)
+            result["eval_sdr"].append(evaluate(model, test_mixtures, test_clean).tolist())
         if step == args.steps and match_seconds is not None:
             result["at_steps"] = {"steps": step, "seconds": seconds,
-                                  "sdr_per_stem": dict(zip(STEMS, history["eval_sdr"][-1]))}
+                                  "sdr_per_stem": dict(zip(STEMS, result["eval_sdr"][-1]))}
             total_steps = max(args.steps, round(args.steps * match_seconds / seconds))
             progress.total = total_steps
             progress.refresh()
     progress.close()
-    final = torch.tensor(history["eval_sdr"][-1])
-    result.update(steps=step, seconds=seconds, sdr_per_stem=dict(zip(STEMS, final.tolist())))
+    result.update(steps=step, seconds=seconds, sdr_per_stem=dict(zip(STEMS, result["eval_sdr"][-1])))
     if noise_robust:
         result["teacher_sdr_per_stem"] = dict(zip(STEMS, evaluate(teacher.model, test_mixtures, test_clean).tolist()))
-    return history, result
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,14 +301,14 @@ def rows_of(runs: dict) -> dict:
     the same number of steps as V1, and the teachers'."""
     rows = {}
     for name, per_seed in runs.items():
-        first = per_seed[0][1]
+        first = per_seed[0]
         if "at_steps" in first:
-            rows[f"{name}, {first['at_steps']['steps']} steps"] = [r["at_steps"]["sdr_per_stem"] for _, r in per_seed]
-            rows[f"{name}, V1's time"] = [r["sdr_per_stem"] for _, r in per_seed]
+            rows[f"{name}, {first['at_steps']['steps']} steps"] = [r["at_steps"]["sdr_per_stem"] for r in per_seed]
+            rows[f"{name}, V1's time"] = [r["sdr_per_stem"] for r in per_seed]
         else:
-            rows[name] = [r["sdr_per_stem"] for _, r in per_seed]
+            rows[name] = [r["sdr_per_stem"] for r in per_seed]
         if "teacher_sdr_per_stem" in first:
-            rows[f"{name}'s EMA teacher"] = [r["teacher_sdr_per_stem"] for _, r in per_seed]
+            rows[f"{name}'s EMA teacher"] = [r["teacher_sdr_per_stem"] for r in per_seed]
     return rows
 
 
@@ -319,11 +320,11 @@ def mean_and_spread(values):
 
 
 def smooth(steps, values, window):
-    """Moving mean over the last ``window`` steps of the values a term has (NaN: not computed on that step),
+    """Moving mean over the last ``window`` steps of the values a term has (None: not computed on that step),
     at the steps where it has one.  A term computed every 2nd step is drawn through its own points."""
     xs, ys, queue, total = [], [], [], 0.0
     for step, value in zip(steps, values):
-        if math.isnan(value):
+        if value is None:
             continue
         queue.append((step, value))
         total += value
@@ -334,31 +335,40 @@ def smooth(steps, values, window):
     return xs, ys
 
 
-def plot(out: Path, runs: dict, mixture_sdr: list, args) -> None:
+def plot(out: Path, summary: dict) -> None:
+    """sdr.png and (when the results hold the loss histories) losses.png from results.json's contents."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seeds = len(args.seeds)
-    spread_label = f"mean and min-max of {seeds} seeds" if seeds > 1 else f"seed {args.seeds[0]}"
+    args, runs = summary["args"], summary["runs"]
+    mixture_sdr = list(summary["mixture_sdr_per_stem"].values())
+    color = {recipe.name: f"C{index}" for index, recipe in enumerate(RECIPES)}
+    seeds = len(args["seeds"])
+    spread_label = f"mean and min-max of {seeds} seeds" if seeds > 1 else f"seed {args['seeds'][0]}"
     fig, (ax_curve, ax_stems) = plt.subplots(1, 2, figsize=(14, 5))
-    for index, (name, per_seed) in enumerate(runs.items()):
-        # Matched runs stop at slightly different steps per seed: the curve covers the steps all seeds reached.
-        length = min(len(history["eval_step"]) for history, _ in per_seed)
-        steps = per_seed[0][0]["eval_step"][:length]
-        curves = [[sum(v) / len(v) for v in history["eval_sdr"][:length]] for history, _ in per_seed]
-        mean = [sum(c[i] for c in curves) / seeds for i in range(length)]
-        finals = [sum(r["sdr_per_stem"].values()) / len(STEMS) for _, r in per_seed]
-        label = f"{name}: {mean_and_spread(finals)[0]:.2f} dB at step {steps[-1]}"
-        line, = ax_curve.plot(steps, mean, marker="o", markersize=3, label=label, color=f"C{index}")
+    for name, per_seed in runs.items():
+        # A matched run stops at a different step for each seed: the curve joins the steps every seed reached,
+        # and each seed's last evaluation is a point of its own.
+        steps = sorted(set.intersection(*(set(result["eval_step"]) for result in per_seed)))
+        curves = [[sum(v) / len(v) for step, v in zip(result["eval_step"], result["eval_sdr"]) if step in steps]
+                  for result in per_seed]
+        mean = [sum(curve[i] for curve in curves) / seeds for i in range(len(steps))]
+        finals = [sum(result["sdr_per_stem"].values()) / len(STEMS) for result in per_seed]
+        last_steps = sorted({result["steps"] for result in per_seed})
+        at = f"step {last_steps[0]}" if len(last_steps) == 1 else f"steps {last_steps[0]}-{last_steps[-1]}"
+        ax_curve.plot(steps, mean, marker="o", markersize=3, color=color[name],
+                      label=f"{name}: {mean_and_spread(finals)[0]:.2f} dB at {at}")
+        if len(last_steps) > 1:
+            ax_curve.scatter([result["steps"] for result in per_seed], finals, marker="x", color=color[name])
         if seeds > 1:
-            ax_curve.fill_between(steps, [min(c[i] for c in curves) for i in range(length)],
-                                  [max(c[i] for c in curves) for i in range(length)], color=line.get_color(),
+            ax_curve.fill_between(steps, [min(c[i] for c in curves) for i in range(len(steps))],
+                                  [max(c[i] for c in curves) for i in range(len(steps))], color=color[name],
                                   alpha=0.15, linewidth=0)
     ax_curve.axhline(sum(mixture_sdr) / len(mixture_sdr), color="gray", linestyle=":",
                      label="the mixture as every stem")
-    ax_curve.axvline(args.steps, color="gray", linestyle="--", linewidth=1)
+    ax_curve.axvline(args["steps"], color="gray", linestyle="--", linewidth=1)
     ax_curve.set_xlabel("training step")
     ax_curve.set_ylabel("mean SDR on clean held-out stems (dB)")
     ax_curve.set_title(f"SDR over training ({spread_label})")
@@ -368,27 +378,31 @@ def plot(out: Path, runs: dict, mixture_sdr: list, args) -> None:
     rows = {label: values for label, values in rows_of(runs).items() if not label.endswith("EMA teacher")}
     width = 0.8 / len(rows)
     for index, (label, per_seed) in enumerate(rows.items()):
+        recipe = max((name for name in runs if label.startswith(name)), key=len)
         xs = [s + (index - (len(rows) - 1) / 2) * width for s in range(len(STEMS))]
         stats = [mean_and_spread([values[stem] for values in per_seed]) for stem in STEMS]
         ax_stems.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats] if seeds > 1 else None,
-                     capsize=2, label=label)
+                     capsize=2, label=label, color=color[recipe], edgecolor="white",
+                     hatch="//" if label.endswith("V1's time") else None)
     ax_stems.set_xticks(range(len(STEMS)))
     ax_stems.set_xticklabels(STEMS)
     ax_stems.set_ylabel("final SDR (dB)")
     ax_stems.set_title("per stem, end of training" + (f" (mean, std of {seeds} seeds)" if seeds > 1 else ""))
     ax_stems.grid(axis="y", alpha=0.3)
     ax_stems.legend(fontsize="small")
-    fig.suptitle(f"label-noise demo: {args.steps} steps of batch {args.batch} (plain L1 on to V1's training "
-                 f"time), seed{'s' if seeds > 1 else ''} {', '.join(map(str, args.seeds))}", fontsize="medium")
+    fig.suptitle(f"label-noise demo: {args['steps']} steps of batch {args['batch']} (plain L1 on to V1's training "
+                 f"time), seed{'s' if seeds > 1 else ''} {', '.join(map(str, args['seeds']))}", fontsize="medium")
     fig.tight_layout()
     fig.savefig(out / "sdr.png", dpi=110)
     plt.close(fig)
 
+    if not all("history" in per_seed[0] for per_seed in runs.values()):
+        return
     # Loss terms of the first seed, one panel per recipe.
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.2), squeeze=False)
-    window = max(2, args.steps // 50)
+    window = max(2, args["steps"] // 50)
     for ax, (name, per_seed) in zip(axes[0], runs.items()):
-        history = per_seed[0][0]
+        history = per_seed[0]["history"]
         for term, values in history["terms"].items():
             xs, ys = smooth(history["step"], values, window)
             ax.plot(xs, ys, label=term, linewidth=1.5 if term == "loss" else 1)
@@ -403,7 +417,7 @@ def plot(out: Path, runs: dict, mixture_sdr: list, args) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"loss term (moving mean of {window} steps)")
-        ax.set_title(f"{name} (seed {args.seeds[0]})")
+        ax.set_title(f"{name} (seed {args['seeds'][0]})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -432,6 +446,8 @@ def parse_args(argv=None):
     parser.add_argument("--recipes", nargs="+", default=[recipe.name for recipe in RECIPES],
                         choices=[recipe.name for recipe in RECIPES], metavar="NAME",
                         help=f"which recipes to train (default all: {', '.join(r.name for r in RECIPES)})")
+    parser.add_argument("--replot", metavar="RESULTS_JSON",
+                        help="train nothing: print the table and draw the figures of a results.json to --out")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the same arithmetic on every machine, and no thread "
                              "pool stalls when other processes share the cores)")
@@ -479,21 +495,44 @@ def print_table(title: str, rows: dict, mixture_sdr: list, seconds: dict) -> Non
         print(f"  {label:<26}{text}{seconds.get(label, ''):>9}")
 
 
+def report(summary: dict, out: Path) -> None:
+    """The table of results.json's contents, and the figures."""
+    args, runs = summary["args"], summary["runs"]
+    seconds = {}
+    for name, per_seed in runs.items():
+        first = per_seed[0]
+        label = f"{name}, V1's time" if "at_steps" in first else name
+        seconds[label] = f"{sum(r['seconds'] for r in per_seed) / len(per_seed):.0f}"
+        if "at_steps" in first:
+            seconds[f"{name}, {first['at_steps']['steps']} steps"] = \
+                f"{sum(r['at_steps']['seconds'] for r in per_seed) / len(per_seed):.0f}"
+            print(f"{name} on to V1's training time: {[r['steps'] for r in per_seed]} steps (seeds {args['seeds']})")
+    spread = f"mean ± std of seeds {args['seeds']}" if len(args["seeds"]) > 1 else f"seed {args['seeds'][0]}"
+    print_table(f"SDR (dB) on {args['test_examples']} clean held-out examples, higher is better ({spread}); "
+                "train s: mean training seconds, evaluations excluded", rows_of(runs),
+                list(summary["mixture_sdr_per_stem"].values()), seconds)
+    plot(out, summary)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        report(json.loads(Path(args.replot).read_text()), out)
+        print(f"\nwrote the figures of {args.replot} to {out}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     parameters = sum(p.numel() for p in TinySeparator().parameters())
     print(f"label-noise demo: torch {torch.__version__}, nrt_kernels {nrt_kernels.__version__}, "
           f"{torch.get_num_threads()} threads, seeds {args.seeds}")
     print(f"data: {args.train_examples} training / {args.test_examples} held-out examples of 4 stems "
           f"({', '.join(STEMS)}), {args.length} samples at {SAMPLE_RATE} Hz")
-    print(f"model: TinySeparator, {parameters} parameters; {args.steps} steps of batch {args.batch}, Adam lr {args.lr}; "
-          f"V1 / V2: NoiseRobustLoss + EMATeacher(decay={args.ema_decay:.4f}) + LossSchedule.v1() / .v2() "
-          f"compressed into the steps; plain L1 trains on to V1's training time")
+    print(f"model: TinySeparator, {parameters} parameters; {args.steps} steps of batch {args.batch}, "
+          f"Adam lr {args.lr}; V1 / V2: NoiseRobustLoss + EMATeacher(decay={args.ema_decay:.4f}) + "
+          f"LossSchedule.v1() / .v2() compressed into the steps; plain L1 trains on to V1's training time")
 
     recipes = [recipe for recipe in RECIPES if recipe.name in args.recipes]
     runs = {recipe.name: [] for recipe in recipes}
@@ -507,32 +546,15 @@ def main(argv=None) -> int:
         torch.manual_seed(seed)
         init_state = TinySeparator().state_dict()
         for recipe in recipes:
-            match_seconds = runs[recipe.match][-1][1]["seconds"] if recipe.match else None
+            match_seconds = runs[recipe.match][-1]["seconds"] if recipe.match else None
             runs[recipe.name].append(train(recipe, clean_data if recipe.clean else noisy_data, test, args,
                                            init_state, seed, match_seconds))
     mixture_sdr = [sum(m[i] for m in mixture_sdrs) / len(mixture_sdrs) for i in range(len(STEMS))]
-    seconds = {}
-    for name, per_seed in runs.items():
-        first = per_seed[0][1]
-        label = f"{name}, V1's time" if "at_steps" in first else name
-        seconds[label] = f"{sum(r['seconds'] for _, r in per_seed) / len(per_seed):.0f}"
-        if "at_steps" in first:
-            seconds[f"{name}, {first['at_steps']['steps']} steps"] = \
-                f"{sum(r['at_steps']['seconds'] for _, r in per_seed) / len(per_seed):.0f}"
-            print(f"{name} on to V1's training time: {[r['steps'] for _, r in per_seed]} steps (seeds {args.seeds})")
-    spread = f"mean ± std of seeds {args.seeds}" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
-    print_table(f"SDR (dB) on {args.test_examples} clean held-out examples, higher is better ({spread}); "
-                "train s: mean training seconds, evaluations excluded", rows_of(runs), mixture_sdr, seconds)
-    plot(out, runs, mixture_sdr, args)
-    summary = {
-        "args": vars(args), "torch": torch.__version__, "nrt_kernels": nrt_kernels.__version__,
-        "label_noise": label_noise, "mixture_sdr_per_stem": dict(zip(STEMS, mixture_sdr)),
-        "runs": {name: [{**result, "eval_step": history["eval_step"],
-                         "eval_sdr_mean": [sum(v) / len(v) for v in history["eval_sdr"]]}
-                        for history, result in per_seed] for name, per_seed in runs.items()},
-    }
+    summary = {"args": vars(args), "torch": torch.__version__, "nrt_kernels": nrt_kernels.__version__,
+               "label_noise": label_noise, "mixture_sdr_per_stem": dict(zip(STEMS, mixture_sdr)), "runs": runs}
     with open(out / "results.json", "w") as handle:
-        json.dump(summary, handle, indent=2)
+        json.dump(summary, handle)
+    report(summary, out)
     print(f"\nwrote {out / 'results.json'}, {out / 'sdr.png'}, {out / 'losses.png'}")
     return 0
 

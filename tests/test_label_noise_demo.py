@@ -13,10 +13,10 @@ import label_noise_demo  # noqa: E402
 
 
 def test_smooth_draws_a_term_computed_every_second_step():
-    # The teacher term is NaN on the steps that skip it; with a window of one step a plain moving mean over
-    # every step left no two neighbouring finite points, so matplotlib drew no line at all.
+    # The teacher term is missing (None; NaN before) on the steps that skip it; with a window of one step a
+    # moving mean over every step left no two neighbouring points, so matplotlib drew no line at all.
     steps = list(range(1, 9))
-    values = [math.nan, math.nan, 4.0, math.nan, 2.0, math.nan, 6.0, math.nan]
+    values = [None, None, 4.0, None, 2.0, None, 6.0, None]
     xs, ys = label_noise_demo.smooth(steps, values, window=1)
     assert (xs, ys) == ([3, 5, 7], [4.0, 2.0, 6.0])
     xs, ys = label_noise_demo.smooth(steps, values, window=4)
@@ -43,3 +43,9 @@ def test_a_tiny_run_trains_every_recipe_for_every_seed(tmp_path, capsys):
     assert all("teacher_sdr_per_stem" in result for result in summary["runs"]["V2"])
     assert (tmp_path / "sdr.png").stat().st_size and (tmp_path / "losses.png").stat().st_size
     assert "mean ± std of seeds [0, 1]" in capsys.readouterr().out
+    history = summary["runs"]["V1"][0]["history"]
+    assert len(history["step"]) == 6 and set(history["terms"]) == {"loss", "l1", "mixit", "teacher"}
+    # --replot draws the same figures again from results.json, training nothing.
+    label_noise_demo.main(["--replot", str(tmp_path / "results.json"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "sdr.png").stat().st_size and (tmp_path / "again" / "losses.png").stat().st_size
+    assert "plain L1, 6 steps" in capsys.readouterr().out
