@@ -4,12 +4,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
-from .dispatch import resolve_impl
-from .ops.mixit_l1 import mixit_l1
-from .ops.noise_robust_l1 import TERM_NAMES, noise_robust_l1
-from .validate import check_mixit_inputs
-from .validate import check_noise_robust_inputs
+from . import backends
+from .ops import noise_robust_l1 as noise_robust_op
+from .ops._operands import common_dtype, fused_operand
+from .ops.mixit_l1 import mixit_l1_loss
+from .ops.noise_robust_l1.composed import Composition, composed_loss
+from .validate import NOISE_ROBUST_TERMS, check_mixit_inputs, check_noise_robust_inputs, check_pairing_option
+
+
+def _reference():
+    # impl="reference" runs the independent definition; the fused paths never import it.
+    from . import reference
+
+    return reference
 
 
 def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
@@ -31,17 +38,13 @@ def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reductio
         The loss is float32 for float16/bfloat16/float32 inputs on the fused paths.
     """
     check_mixit_inputs(est, mixtures, metric=metric, partitions=partitions, reduction=reduction)
-    backend = resolve_impl(impl, est.device)
+    backend = backends.resolve("mixit_l1", impl, est.device.type)
     if backend == "reference":
-        return reference.mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
-                                    return_est=return_est, return_assignment=return_assignment)
-    batch, num_sources, num_mixtures = est.shape[0], est.shape[1], mixtures.shape[1]
-    dtype = torch.promote_types(est.dtype, mixtures.dtype)
-    flat_est = _fused_operand(est, dtype, batch, num_sources)
-    flat_mix = _fused_operand(mixtures, dtype, batch, num_mixtures)
-    row_loss, best = mixit_l1(flat_est, flat_mix, partitions, backend)
-    return reference.finish_mixit(row_loss, best, est, num_mixtures, partitions=partitions, reduction=reduction,
-                                  return_est=return_est, return_assignment=return_assignment)
+        return _reference().mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
+                                       return_est=return_est, return_assignment=return_assignment)
+    backends.check_autograd_transforms("mixit_l1", est, mixtures)
+    return mixit_l1_loss(est, mixtures, backend, partitions=partitions, reduction=reduction, return_est=return_est,
+                         return_assignment=return_assignment)
 
 
 class MixITLoss(nn.Module):
@@ -60,19 +63,9 @@ class MixITLoss(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
 
 
-def _fused_operand(tensor: torch.Tensor, dtype: torch.dtype, batch: int, rows: int) -> torch.Tensor:
-    # The kernels read (B, rows, D) row-major: a non-contiguous input costs one copy here.
-    flat = tensor.to(dtype).reshape(batch, rows, -1).contiguous()
-    # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
-    # (torch.compile never sees inference tensors as graph inputs, and cannot trace the test.)
-    if (not torch.compiler.is_compiling() and flat.is_inference() and torch.is_grad_enabled()
-            and not torch.is_inference_mode_enabled()):
-        flat = flat.clone()
-    return flat
-
-
 def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=None, pairing=None,
-                      normalize="iseparate", source_weights=None, return_terms=False, impl="auto"):
+                      normalize="iseparate", source_weights=None, return_terms=False, impl="auto",
+                      _first_mixture_size=None):
     """iSeparate-SDX's noise-robust training loss (V1: Wavelet-HTDemucs, V2: DWT-Transformer-UNet).
 
     Terms, each a mean over the batch: ``l1`` = |est - targets| (iSeparate's l1_loss: mean over trailing dims,
@@ -81,7 +74,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     ``teacher`` = l1(est, teacher_targets).
 
     Args:
-        est: (B, S, *) estimated sources, S even.
+        est: (B, S, *) estimated sources (S even when the MixIT term runs).
         targets: (B, S, *) noisy target stems.
         version: "v1" (weights for l1, mixit, teacher) or "v2" (l1, consistency, mixit, teacher).
         weights: one non-negative number per term; a term with weight 0 is not computed (its inputs not read).
@@ -92,63 +85,62 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
             stems form mixture 0, the rest mixture 1.
         normalize: "iseparate" (V1 divides by the sum of all three weights even when the teacher term is skipped;
             V2 by the weights of the computed terms) or "active" (the weights of the computed terms).
-        source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
+        source_weights: optional (S,) weights of the sources in the l1 and teacher terms (finite, >= 0, not all
+            0; values checked for lists and CPU tensors).
         return_terms: also return ``{term name: detached value}`` of the computed terms.
-        impl: "auto", "triton" (one fused op), "cuda"/"cpu" (the MixIT op of that backend, the other terms in
-            PyTorch) or "reference".  Targets or teacher targets that require grad take the reference path.
+        impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the C++ MixIT op with
+            the other terms in PyTorch) or "reference".  Targets, teacher targets or source weights that require
+            grad take the composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates
+            them too.
 
     Under DistributedDataParallel each process's loss is the mean over its own shard; with equal shards DDP's
     gradient averaging gives exactly the gradient of the full-batch loss (tests/test_ddp.py).  The default
     pairing is drawn per process (the same one only where every rank seeds its generator alike).
 
+    ``_first_mixture_size`` (internal) is the number of stems of a pairing that form mixture 0 instead of S/2:
+    iSeparate's code takes the first 2 for any S, which the compat modules reproduce.
+
     Returns:
         ``loss`` (float32, float64 for float64 inputs on the fused path), or ``(loss, terms)``.
     """
     check_noise_robust_inputs(est, targets, teacher_targets, version=version, weights=weights, normalize=normalize,
-                              source_weights=source_weights)
-    active = reference.active_terms(version, weights, teacher_targets is not None)
-    backend = resolve_impl(impl, est.device)
-    target_grad = targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
-    if backend == "reference" or (target_grad and torch.is_grad_enabled()):
-        return reference.noise_robust_loss(est, targets, version=version, weights=weights,
-                                           teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
-                                           source_weights=source_weights, return_terms=return_terms)
-    divisor = reference.loss_divisor(version, weights, active, normalize)
+                              source_weights=source_weights, first_mixture_size=_first_mixture_size)
     batch, num_sources = est.shape[:2]
-    # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
-    rows_device = pairing.device if isinstance(pairing, torch.Tensor) else torch.device("cpu")
-    rows = reference.pairing_rows(pairing, batch, num_sources, rows_device) if "mixit" in active else None
-    if backend != "triton":
-        terms = reference.noise_robust_terms(
-            est, targets, teacher_targets, active, rows, source_weights=source_weights,
-            mixit=lambda est_, mixtures: mixit_loss(est_, mixtures, impl=backend))
-        loss = reference.combine_terms(terms, active, divisor)
+    check_pairing_option(pairing, batch, num_sources, est.device)
+    backend = backends.resolve(noise_robust_op.OP, impl, est.device.type)
+    if backend == "reference":
+        return _reference().noise_robust_loss(est, targets, version=version, weights=weights,
+                                              teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
+                                              source_weights=source_weights, return_terms=return_terms,
+                                              _first_mixture_size=_first_mixture_size)
+    backends.check_autograd_transforms(noise_robust_op.OP, est, targets,
+                                       *([teacher_targets] if teacher_targets is not None else []))
+    active = noise_robust_op.active_terms(NOISE_ROBUST_TERMS[version], weights, teacher_targets is not None)
+    divisor = noise_robust_op.loss_divisor(version, weights, active, normalize)
+    # Each weight over the divisor, in float64 here: the kernels take float32 scalars, in which weights such as 1e-46
+    # or 1e39 would underflow or overflow (a NaN loss); the ratios lie in (0, 1].
+    scales = {name: weight / divisor for name, weight in active.items()}
+    # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
+    rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
+    implementation = backends.lookup(noise_robust_op.OP, backend)
+    # The fused kernels differentiate est only; autograd differentiates the composition in everything else.
+    other_grad = (targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
+                  or (isinstance(source_weights, torch.Tensor) and source_weights.requires_grad))
+    if isinstance(implementation, Composition) or (other_grad and torch.is_grad_enabled()):
+        loss, terms = composed_loss(est, targets, teacher_targets, scales, rows, source_weights, backend,
+                                    _first_mixture_size)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
 
-    dtype = torch.promote_types(est.dtype, targets.dtype)
-    if "teacher" in active:
-        dtype = torch.promote_types(dtype, teacher_targets.dtype)
-    flat_est = _fused_operand(est, dtype, batch, num_sources)
-    flat_targets = _fused_operand(targets, dtype, batch, num_sources)
-    flat_teacher = (_fused_operand(teacher_targets, dtype, batch, num_sources) if "teacher" in active
-                    else flat_est.new_empty(0))
-    if rows is None:
-        pair_masks = torch.zeros(batch, dtype=torch.int32, device=est.device)
-    else:
-        first_half = rows[:, : num_sources // 2]
-        pair_masks = torch.bitwise_left_shift(torch.ones_like(first_half), first_half).sum(1).to(torch.int32)
-        pair_masks = pair_masks.to(est.device, non_blocking=True)
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if source_weights is None:
-        flat_source_weights = torch.empty(0, dtype=acc_dtype, device=est.device)
-    else:
-        flat_source_weights = torch.as_tensor(source_weights, dtype=acc_dtype, device=est.device).reshape(-1)
-        flat_source_weights = (flat_source_weights / flat_source_weights.sum()).contiguous()
-    op_weights = [active.get(name, 0.0) for name in TERM_NAMES]
-    loss, term_values, _ = noise_robust_l1(flat_est, flat_targets, flat_teacher, pair_masks, flat_source_weights,
-                                           op_weights, divisor, backend)
+    dtype = common_dtype(est, targets, *([teacher_targets] if "teacher" in active else []))
+    flat_est = fused_operand(est, dtype)
+    flat_teacher = fused_operand(teacher_targets, dtype) if "teacher" in active else flat_est.new_empty(0)
+    masks = noise_robust_op.pair_masks(rows, batch, num_sources, est.device, _first_mixture_size)
+    loss, term_values, _ = noise_robust_op.noise_robust_l1(
+        flat_est, fused_operand(targets, dtype), flat_teacher, masks,
+        noise_robust_op.normalized_source_weights(source_weights, dtype, est.device),
+        [scales.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], 1.0, backend)
     if return_terms:
-        return loss, {name: term_values[TERM_NAMES.index(name)] for name in active}
+        return loss, {name: term_values[noise_robust_op.TERM_NAMES.index(name)] for name in active}
     return loss
 
 

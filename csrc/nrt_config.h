@@ -1,0 +1,8 @@
+// Constants that nrt_kernels/build_config.py passes to every compiled source as -D macros (one source for
+// Python, C++ and CUDA). A build that forgets them fails here instead of silently using other values.
+#pragma once
+
+#if !defined(NRT_ABI_VERSION) || !defined(NRT_MAX_SOURCES) || !defined(NRT_DTYPE_FLOAT32) || \
+    !defined(NRT_DTYPE_BFLOAT16) || !defined(NRT_DTYPE_FLOAT16)
+#error "build with the -D flags of nrt_kernels/build_config.py (setup.py, nrt_kernels/_native.py and _cuda_lib.py do)"
+#endif
