@@ -31,8 +31,8 @@ else:
         # Keep these flags equal to COMPILE_ARGS / LINK_ARGS in nrt_kernels/_native.py (the JIT build).
         ext_modules.append(CppExtension(
             name="nrt_kernels._cpu",
-            sources=["csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp"],
-            extra_compile_args=["-O3", "-fopenmp"],
+            sources=["csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp", "csrc/cpu/pit_cpu.cpp"],
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
         ))
         cmdclass["build_ext"] = BuildExtension

@@ -2,8 +2,8 @@
 from . import assignments, reference, training
 from .assignments import MAX_CANDIDATES, MAX_SOURCES
 from .dispatch import IMPLS
-from .losses import MixITLoss, NoiseRobustLoss, mixit_loss, noise_robust_loss
+from .losses import MixITLoss, NoiseRobustLoss, PITLoss, mixit_loss, noise_robust_loss, pit_loss
 
 __all__ = ["IMPLS", "MAX_CANDIDATES", "MAX_SOURCES", "MixITLoss", "assignments", "mixit_loss", "reference",
-           "NoiseRobustLoss", "noise_robust_loss", "training"]
+           "NoiseRobustLoss", "noise_robust_loss", "PITLoss", "pit_loss", "training"]
 __version__ = "0.1.0"

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 # Must equal kAbiVersion in csrc/mixit_l1.cpp: a prebuilt module from older sources is rebuilt.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("mixit_l1.cpp", "cpu/mixit_l1_cpu.cpp")
+_SOURCES = ("mixit_l1.cpp", "cpu/mixit_l1_cpu.cpp", "cpu/pit_cpu.cpp")
 # No -march: the module must run on any x86-64 / aarch64 CPU, not only the build machine's.
 # -fopenmp makes at::parallel_for (inlined from ATen headers) use torch's OpenMP thread pool.
-COMPILE_ARGS = ("-O3", "-fopenmp")
+# -ffp-contract=off: no multiply-add is fused, so every ISA clone (NRT_ISA_CLONES) rounds alike.
+COMPILE_ARGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 LINK_ARGS = ("-fopenmp",)
 
 _HOW_TO_GET_IT = (
@@ -52,7 +53,7 @@ def _import_prebuilt():
     if getattr(_cpu, "ABI_VERSION", None) != ABI_VERSION:
         return None
     # In a source checkout (editable install), C++ edited after the build wins: compile it just in time.
-    sources = [_CSRC / name for name in _SOURCES] + [_CSRC / "cpu" / "mixit_l1_cpu.h"]
+    sources = [_CSRC / name for name in _SOURCES] + [_CSRC / "cpu" / "mixit_l1_cpu.h", _CSRC / "cpu" / "pit_cpu.h"]
     built = os.path.getmtime(_cpu.__file__)
     if any(source.exists() and source.stat().st_mtime > built for source in sources):
         return None

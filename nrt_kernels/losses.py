@@ -7,9 +7,11 @@ from torch import nn
 from . import reference
 from .dispatch import resolve_impl
 from .ops.mixit_l1 import mixit_l1
+from .ops import pit as pit_op
 from .ops.noise_robust_l1 import TERM_NAMES, noise_robust_l1
 from .validate import check_mixit_inputs
 from .validate import check_noise_robust_inputs
+from .validate import check_pit_inputs
 
 
 def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
@@ -170,3 +172,66 @@ class NoiseRobustLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"version={self.version!r}, normalize={self.normalize!r}, impl={self.impl!r}"
+
+
+def pit_loss(est, targets, *, metric="sisdr", reduction="mean", return_est=False, return_perm=False, solver="auto",
+             impl="auto", zero_mean=True, eps=1e-8, max_snr=30.0):
+    """Permutation invariant loss: per row, the best matching of estimates to targets under a pairwise metric.
+
+    ``P[b, i, j] = metric(est[b, i], targets[b, j])``; a row's loss is ``min over permutations p of
+    mean_j P[b, p[j], j]``. The gradient flows through the chosen permutation only.
+
+    Args:
+        est: (B, M, *) estimated sources; trailing dims are flattened into one signal.
+        targets: (B, M, *) target sources.
+        metric: "sisdr", "sdsdr", "snr" (asteroid's ``PairwiseNegSDR``: negative SDR in dB), "mse" (asteroid's
+            ``PairwiseMSE``), "l1" (mean absolute error) or "log_mse" (the MixIT paper's thresholded log-MSE,
+            ``10 log10(||t - e||^2 + tau ||t||^2 + 1e-8)``, ``tau = 10**(-max_snr / 10)``).
+        reduction: "mean" over rows, or "none" for the (B,) row losses.
+        return_est: also return the reordered estimates (B, M, *), ``est[b, perm[b]]``.
+        return_perm: also return (B, M) int64, the est index matched to each target (asteroid's batch_indices).
+        solver: "exhaustive" (every permutation, M <= 8; ties go to the first in ``itertools.permutations``
+            order), "hungarian" (exact linear assignment, M <= 32; ties may resolve differently, the loss is the
+            same minimum) or "auto" (exhaustive up to 3 sources, as asteroid; Hungarian above).
+        impl: "auto", "triton", "cpu" or "reference".
+        zero_mean, eps: the SDR metrics' mean removal and asteroid's EPS (target energy, noise energy, log).
+        max_snr: log-MSE's threshold in dB.
+
+    Returns:
+        ``loss``, or a tuple ``(loss, est?, perm?)`` in that order. The loss is float32 for float16/bfloat16/
+        float32 inputs on the fused paths, float64 for float64. A row whose pairwise matrix has a non-finite
+        entry gets a NaN loss and the identity permutation.
+    """
+    check_pit_inputs(est, targets, metric=metric, solver=solver, reduction=reduction, zero_mean=zero_mean, eps=eps,
+                     max_snr=max_snr)
+    if impl == "cuda":
+        raise ValueError('pit_loss has no hand-written CUDA kernels; use impl="triton" (or "auto") on CUDA tensors')
+    backend = resolve_impl(impl, est.device)
+    if backend == "reference":
+        return reference.pit_loss(est, targets, metric=metric, reduction=reduction, return_est=return_est,
+                                  return_perm=return_perm, solver=solver, zero_mean=zero_mean, eps=eps,
+                                  max_snr=max_snr)
+    batch, num_sources = est.shape[:2]
+    dtype = torch.promote_types(est.dtype, targets.dtype)
+    row_loss, perm, _ = pit_op.pit(_fused_operand(est, dtype, batch, num_sources),
+                                _fused_operand(targets, dtype, batch, num_sources), metric,
+                                pit_op.resolve_solver(solver, num_sources), backend, zero_mean, float(eps),
+                                float(max_snr))
+    return reference.finish_pit(row_loss, perm, est, reduction=reduction, return_est=return_est,
+                                return_perm=return_perm)
+
+
+class PITLoss(nn.Module):
+    """Module form of :func:`pit_loss`; the keyword arguments are fixed at construction."""
+
+    def __init__(self, *, metric="sisdr", reduction="mean", return_est=False, return_perm=False, solver="auto",
+                 impl="auto", zero_mean=True, eps=1e-8, max_snr=30.0):
+        super().__init__()
+        self.options = dict(metric=metric, reduction=reduction, return_est=return_est, return_perm=return_perm,
+                            solver=solver, impl=impl, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
+
+    def forward(self, est, targets):
+        return pit_loss(est, targets, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

@@ -1,0 +1,153 @@
+"""Fused PIT (permutation invariant training): custom ops, fake implementations and autograd, for every backend.
+
+Per batch row, est and targets flattened to ``(M, T)``:
+
+1. **Pairwise statistics, one pass over est and targets.**  For the bilinear metrics (SI-SDR, SD-SDR, SNR, MSE,
+   log-MSE) every cross product ``<e_i, t_j>``, the energies ``<e_i, e_i>``, ``<t_j, t_j>`` and the sums of
+   ``e_i`` and ``t_j`` (for ``zero_mean``); for L1 the ``M * M`` sums ``|e_i - t_j|``.  Method: the inputs are
+   converted to float64 and multiplied and accumulated there.  A product of two float32 (or half) values has at
+   most 48 significant bits, so it is exact in float64, and the float64 sums add about ``T * 2**-53`` relative
+   error.  That matters at high SDR, where ``||e - a t||^2 = <e,e> - 2 a <e,t> + a^2 <t,t>`` is a difference of
+   nearly equal numbers: a float32 Gram loses every digit of it above about 40 dB, float64 keeps about 10 at
+   60 dB.  So at any SDR from -30 to +60 dB the loss is closer to a float64 evaluation than the float32 PyTorch
+   loop (tests/test_pit.py measures both).  Zero-mean statistics follow from the raw ones in float64
+   (``<e',t'> = <e,t> - sum(e) sum(t) / T``); sums of squares formed this way are clamped at 0 before EPS.
+2. **The (B, M, M) loss matrix** ``P[b, i, j] = metric(est_i, target_j)`` from the statistics, in float64.
+3. **The solver, on the device, without a host sync.**  ``"exhaustive"``: every permutation in
+   ``itertools.permutations`` order (M <= 8), the first minimum of ``sum_j P[perm[j], j]``.  ``"hungarian"``:
+   the exact linear assignment (shortest augmenting paths with potentials, O(M^3), any M up to 32).  A row with
+   a non-finite entry gets a NaN loss and the identity permutation, exactly what asteroid's one-hot einsum gives.
+4. **The backward's coefficients** of each row's chosen pairs: for the bilinear metrics the gradient of
+   ``P[i, j]`` is a combination of the two signals, ``grad e_i = c0 e_i + c1 t_j + c2`` and
+   ``grad t_j = c3 e_i + c4 t_j + c5`` (the constants undo the means), so the backward is one elementwise pass
+   through the permutation; for L1 ``c0 = 1 / (M T)`` scales ``sign(e_i - t_j)``.
+
+Backends (``triton``, ``cpu``) live in this package, one module each, imported the first time they run; each
+calls :func:`register_backend`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+from typing import Callable
+
+import torch
+
+from ...validate import MAX_EXHAUSTIVE_SOURCES, PIT_METRICS
+
+# The metric index every kernel reads (csrc/cpu/pit_cpu.cpp's Metric enum, triton.py's constants).
+METRICS = PIT_METRICS
+NUM_COEFFS = 6
+# Sources up to which solver="auto" scores every permutation: asteroid's own crossover (its factorial search up to
+# 3 sources, scipy's Hungarian above), so "auto" breaks ties as asteroid does. Measured on the CPU
+# (benchmarks/RESULTS.md): the exhaustive solver is no faster than the Hungarian from M = 4 on.
+AUTO_EXHAUSTIVE_MAX = 3
+
+_BACKENDS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_backend(name: str, forward: Callable, backward: Callable) -> None:
+    """``forward(est, targets, metric, hungarian, zero_mean, eps, max_snr) -> (row_loss, perm, coeffs)``;
+    ``backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad) -> (grad_est, grad_targets or None)``.
+    ``metric`` is an index into :data:`METRICS`."""
+    _BACKENDS[name] = (forward, backward)
+
+
+def _backend(impl: str) -> tuple[Callable, Callable]:
+    if impl not in _BACKENDS:
+        importlib.import_module(f".{impl}", __name__)  # registers itself
+    return _BACKENDS[impl]
+
+
+def resolve_solver(solver: str, num_sources: int) -> str:
+    """"exhaustive" or "hungarian" for a validated ``solver`` argument."""
+    if solver == "auto":
+        return "exhaustive" if num_sources <= AUTO_EXHAUSTIVE_MAX else "hungarian"
+    return solver
+
+
+@functools.lru_cache(maxsize=None)
+def _permutations_cpu(num_sources: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.permutations(range(num_sources))), dtype=torch.int8)
+
+
+_permutation_tables: dict = {}
+
+
+def permutation_table(num_sources: int, device) -> torch.Tensor:
+    """(M!, M) int8: every permutation in ``itertools.permutations`` order, cached per device."""
+    if num_sources > MAX_EXHAUSTIVE_SOURCES:
+        raise ValueError(f"no permutation table beyond {MAX_EXHAUSTIVE_SOURCES} sources, got {num_sources}")
+    key = (num_sources, str(device))
+    table = _permutation_tables.get(key)
+    if table is None:
+        table = _permutation_tables[key] = _permutations_cpu(num_sources).to(device)
+    return table
+
+
+def row_loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision and float32 inputs report float32; float64 stays float64 for gradcheck.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("nrt_kernels::pit", mutates_args=())
+def pit(est: torch.Tensor, targets: torch.Tensor, metric: str, solver: str, impl: str, zero_mean: bool, eps: float,
+        max_snr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row best-permutation loss of contiguous (B, M, T) est against (B, M, T) targets.
+
+    ``solver`` is "exhaustive" or "hungarian". Returns ``(row_loss, perm, coeffs)``: ``row_loss`` (B,) float32
+    (float64 for float64 input), ``perm`` (B, M) int64 (``est[b, perm[b]]`` lines up with the targets) and the
+    backward's coefficients (B, M, NUM_COEFFS) float64.
+    """
+    forward, _ = _backend(impl)
+    return forward(est, targets, METRICS.index(metric), solver == "hungarian", zero_mean, eps, max_snr)
+
+
+@pit.register_fake
+def _pit_fake(est, targets, metric, solver, impl, zero_mean, eps, max_snr):
+    batch, num_sources = est.shape[:2]
+    return (est.new_empty(batch, dtype=row_loss_dtype(est.dtype)), est.new_empty(batch, num_sources,
+                                                                                 dtype=torch.int64),
+            est.new_empty(batch, num_sources, NUM_COEFFS, dtype=torch.float64))
+
+
+@torch.library.custom_op("nrt_kernels::pit_backward", mutates_args=())
+def pit_backward(grad_rows: torch.Tensor, est: torch.Tensor, targets: torch.Tensor, perm: torch.Tensor,
+                 coeffs: torch.Tensor, metric: str, impl: str,
+                 targets_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``pit``'s row losses; the targets' gradient is empty unless ``targets_grad``."""
+    _, backward = _backend(impl)
+    grad_est, grad_targets = backward(grad_rows.to(torch.float64).contiguous(), est, targets, perm, coeffs,
+                                      METRICS.index(metric), targets_grad)
+    return grad_est, grad_targets if targets_grad else targets.new_empty(0)
+
+
+@pit_backward.register_fake
+def _pit_backward_fake(grad_rows, est, targets, perm, coeffs, metric, impl, targets_grad):
+    return torch.empty_like(est), torch.empty_like(targets) if targets_grad else targets.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    est, targets, metric, _solver, impl, *_ = inputs
+    _, perm, coeffs = output
+    ctx.save_for_backward(est, targets, perm, coeffs)
+    ctx.metric = metric
+    ctx.impl = impl
+    ctx.mark_non_differentiable(perm, coeffs)
+
+
+def _backward(ctx, grad_rows, _grad_perm, _grad_coeffs):
+    est, targets, perm, coeffs = ctx.saved_tensors
+    targets_grad = ctx.needs_input_grad[1]
+    grad_est, grad_targets = pit_backward(grad_rows, est, targets, perm, coeffs, ctx.metric, ctx.impl, targets_grad)
+    return (grad_est if ctx.needs_input_grad[0] else None, grad_targets if targets_grad else None,
+            None, None, None, None, None, None)
+
+
+pit.register_autograd(_backward, setup_context=_setup_context)
