@@ -9,31 +9,45 @@ Environment switches (flash-attention style):
 
 Install from a checkout with ``pip install --no-build-isolation -e .`` so that the build sees the installed torch.
 """
+import importlib.util
 import os
 import warnings
 
 from setuptools import find_packages, setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_config():
+    # Loaded by path: importing the nrt_kernels package needs torch, which a build-isolated install lacks.
+    spec = importlib.util.spec_from_file_location("_nrt_build_config", os.path.join(ROOT, "nrt_kernels",
+                                                                                      "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _build_config()
 ext_modules = []
 cmdclass = {}
+skipped = []  # what this build leaves out, said at the end where pip shows it
 
 # --- C++ CPU extension: nrt_kernels._cpu ---------------------------------------------------------
 if os.environ.get("NRT_SKIP_CPU_EXT") == "1":
-    warnings.warn("NRT_SKIP_CPU_EXT=1: not building the CPU extension (it is compiled just in time when needed)")
+    skipped.append("NRT_SKIP_CPU_EXT=1: the C++ CPU extension is not built (it is compiled just in time when needed)")
 else:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        warnings.warn("torch is not importable at build time (use pip install --no-build-isolation), so the CPU "
-                      "extension is not built; it is compiled just in time when needed")
+        skipped.append("torch is not importable at build time, so the C++ CPU extension is not built; impl='cpu' "
+                       "compiles it just in time on first use (needs a C++ compiler and ninja). To build it now, "
+                       "install torch first and run: pip install --no-build-isolation .")
     else:
-        # No -march: the wheel must run on any CPU of the architecture, not only the build machine's.
-        # Keep these flags equal to COMPILE_ARGS / LINK_ARGS in nrt_kernels/_native.py (the JIT build).
         ext_modules.append(CppExtension(
             name="nrt_kernels._cpu",
-            sources=["csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp", "csrc/cpu/pit_cpu.cpp"],
-            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
-            extra_link_args=["-fopenmp"],
+            sources=list(build_config.CPU_SOURCES),
+            extra_compile_args=build_config.cpu_compile_args(),
+            extra_link_args=list(build_config.CPU_LINK_ARGS),
         ))
         cmdclass["build_ext"] = BuildExtension
 
@@ -42,45 +56,58 @@ else:
 # missing nvcc or a failed build an error. Without it, impl="cuda" compiles the library just in time on
 # first use (needs nvcc then).
 if os.environ.get("NRT_SKIP_CUDA_LIB") != "1":
-    import importlib.util
-
     from setuptools.command.build_ext import build_ext as _setuptools_build_ext
-
-    def _cuda_lib_module():
-        # Loaded by path: importing the nrt_kernels package would import triton and the ops.
-        spec = importlib.util.spec_from_file_location(
-            "_nrt_cuda_lib_build",
-            os.path.join(os.path.dirname(os.path.abspath(__file__)), "nrt_kernels", "_cuda_lib.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
     class BuildExtWithCudaLib(cmdclass.get("build_ext", _setuptools_build_ext)):
         def run(self):
             super().run()
-            cuda_lib = _cuda_lib_module()
             outdir = "nrt_kernels" if self.inplace else os.path.join(self.build_lib, "nrt_kernels")
             try:
-                print("building", cuda_lib.build(outdir))
-            except cuda_lib.CudaLibraryError as error:
+                print("building", build_config.build_cuda_library(outdir, package_dir=os.path.join(ROOT,
+                                                                                                   "nrt_kernels")))
+            except build_config.BuildError as error:
                 if os.environ.get("NRT_FORCE_CUDA_LIB") == "1":
                     raise
-                warnings.warn(f"the CUDA library is not built ({error}); impl='cuda' compiles it just in time")
+                warnings.warn(f"the CUDA library is not built ({str(error).splitlines()[0]}); impl='cuda' compiles "
+                              "it just in time")
 
     cmdclass["build_ext"] = BuildExtWithCudaLib
+
+# --- The C++/CUDA sources travel inside the package (nrt_kernels/csrc/), so an install that could not compile them
+# can still build them just in time on first use.
+from setuptools.command.build_py import build_py as _build_py
+
+
+class BuildPyWithSources(_build_py):
+    def run(self):
+        super().run()
+        for folder, _, files in os.walk(os.path.join(ROOT, "csrc")):
+            relative = os.path.relpath(folder, ROOT)
+            target = os.path.join(self.build_lib, "nrt_kernels", relative)
+            self.mkpath(target)
+            for name in files:
+                self.copy_file(os.path.join(folder, name), os.path.join(target, name))
+
+
+cmdclass["build_py"] = BuildPyWithSources
 
 setup(
     name="nrt_kernels",
     version="0.1.0",
-    description="Fused MixIT / mean-teacher L1 losses for noise-robust training of source separators",
+    description="Fused MixIT / PIT / mean-teacher losses for noise-robust training of source separators",
     packages=find_packages(include=["nrt_kernels", "nrt_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0; sys_platform == 'linux'", "numpy"],
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "triton": ["triton>=3.0; sys_platform == 'linux'"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "scipy"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["nrt-bench = nrt_kernels.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
+
+for message in skipped:
+    # setuptools' warnings reach the user only with pip -v; a build that leaves a backend out must say so.
+    warnings.warn(message)

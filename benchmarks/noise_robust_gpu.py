@@ -20,7 +20,9 @@ import torch
 
 from nrt_kernels import noise_robust_loss, reference
 from nrt_kernels.bench import peak_bytes_cuda, time_cuda, time_cuda_graph
-from nrt_kernels.ops import noise_robust_l1 as op
+from nrt_kernels.ops import noise_robust_l1 as noise_robust_op
+from nrt_kernels.ops.mixit_l1.triton import BackwardConfig
+from nrt_kernels.ops.noise_robust_l1 import triton as op
 
 CASES = {"v1": [1, 2, 1], "v2": [0.5, 0.5, 2, 0.5]}
 PAIRING = [2, 0, 3, 1]
@@ -101,31 +103,33 @@ def check(shape_small=(3, 4, 2, 5000)) -> int:
 
 
 def tune(shape):
-    """Tile sweeps, timed by CUDA-graph replay (the device time: eager steps can be launch-bound)."""
+    """Tile sweeps of the V1 kernels (every term on), launched directly with each config and timed by CUDA-graph
+    replay (the device time: eager steps can be launch-bound)."""
     est, targets, teacher = make_inputs(shape)
-    pairing = torch.tensor(PAIRING, device="cuda")
-    saved = (op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_STAGES)
-    fn = loss_fn("triton", "v1", CASES["v1"], pairing)
-    expected = fn(est, targets, teacher)
-    print("partials kernel (V1 forward only, one wave), (elements/thread, warps, loop stages): ms", flush=True)
+    flat = [x.reshape(x.shape[0], x.shape[1], -1).contiguous() for x in (est, targets, teacher)]
+    rows = torch.tensor(PAIRING, device="cuda").expand(shape[0], -1)
+    masks = noise_robust_op.pair_masks(rows, shape[0], shape[1], est.device)
+    no_source_weights = flat[0].new_empty(0)
+    weights, divisor = [1.0, 0.0, 2.0, 1.0], 4.0
+    args = (*flat, masks, no_source_weights, weights, divisor)
+    expected_loss, _, best = op.forward(*args)
+    print("partials kernel (V1 forward: partials, selection, combine), (elements/thread, warps, loop stages): ms",
+          flush=True)
     for per_thread, warps, stages in ((1, 4, 1), (1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 1), (1, 8, 3), (2, 4, 1)):
-        op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_STAGES = warps, 48 * per_thread, stages
-        op._partials_plans.clear()
+        config = op.PartialsConfig(num_warps=warps, mixit_values_per_thread=48 * per_thread, loop_stages=stages)
         try:
-            same = torch.allclose(fn(est, targets, teacher), expected, rtol=1e-5, atol=0)
-            ms = time_cuda_graph(lambda: fn(est, targets, teacher), rep_ms=40)
+            same = torch.allclose(op.forward(*args, config=config)[0], expected_loss, rtol=1e-5, atol=0)
+            ms = time_cuda_graph(lambda: op.forward(*args, config=config), rep_ms=40)
             print(f"  ({per_thread}, {warps}, {stages}): {ms:.4f}{'' if same else '  WRONG LOSS'}", flush=True)
         except Exception as error:
             print(f"  ({per_thread}, {warps}, {stages}): failed {error!r}")
-    op.PARTIALS_WARPS, op.PARTIALS_MIXIT_VALUES_PER_THREAD, op.PARTIALS_STAGES = saved
-    op._partials_plans.clear()
-    print("backward kernel (V1 fwd+bwd), (BLOCK_D, warps): ms", flush=True)
-    block, warps0 = op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS
+    print("backward kernel (V1), (BLOCK_D, warps): ms", flush=True)
+    grad_loss = torch.ones((), device="cuda")
     for block_d, warps in ((512, 16), (512, 8), (1024, 16), (1024, 4), (2048, 8)):
-        op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block_d, warps
-        _, graph_ms, _ = measure(fn, est, targets, teacher, graph=True)
-        print(f"  ({block_d}, {warps}): {graph_ms or float('nan'):.4f}", flush=True)
-    op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block, warps0
+        config = BackwardConfig(block_d, warps)
+        ms = time_cuda_graph(lambda: op.backward(grad_loss, *flat, masks, no_source_weights, best, weights, divisor,
+                                                 config=config), rep_ms=40)
+        print(f"  ({block_d}, {warps}): {ms:.4f}", flush=True)
 
 
 def main():

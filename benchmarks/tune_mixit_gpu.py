@@ -19,7 +19,7 @@ import torch
 
 import nrt_kernels
 from nrt_kernels.bench import copy_bandwidth, time_cuda, time_cuda_graph
-from nrt_kernels.ops import mixit_l1 as op
+from nrt_kernels.ops.mixit_l1 import triton as op
 
 
 # (elements per thread, warps, pipelined loop stages) of the forward sweep.
@@ -27,42 +27,35 @@ FORWARD_TILES = ((1, 4, 1), (1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 8, 1), (1, 8, 3
 
 
 def forward_sweep(est, mix, fwd_bytes, bandwidth):
-    rows, original = [], op.forward_config
-    expected_loss, expected_best = op.triton_forward(est, mix, "generalized")
+    rows = []
+    expected_loss, expected_best = op.forward(est, mix, "generalized")
     sources = est.shape[1]
     for low in sorted({min(sources, 5), min(sources, 4)}):
         for elements_per_thread, num_warps, stages in FORWARD_TILES:
-            op.forward_config = lambda *_, lo=low, e=elements_per_thread, w=num_warps, st=stages: (
-                lo, 32 * w * e, w, st)
-            op._forward_plans.clear()
+            config = op.PartialsConfig(low, 32 * num_warps * elements_per_thread, num_warps, stages)
             key = dict(low=low, elements_per_thread=elements_per_thread, warps=num_warps, stages=stages)
             try:
-                row_loss, best = op.triton_forward(est, mix, "generalized")
+                row_loss, best = op.forward(est, mix, "generalized", config)
                 same = torch.equal(best, expected_best) and torch.allclose(row_loss, expected_loss, rtol=1e-5, atol=0)
-                ms = time_cuda_graph(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=100)
+                ms = time_cuda_graph(lambda: op.forward(est, mix, "generalized", config), rep_ms=100)
                 rows.append(dict(key, forward_ms=ms, roofline=fwd_bytes / ms / 1e6 / bandwidth, same_result=same))
             except Exception as error:  # a shape that does not compile is reported, not fatal
                 rows.append(dict(key, error=str(error)[:100]))
-            finally:
-                op.forward_config = original
-                op._forward_plans.clear()
     return rows
 
 
 def backward_sweep(est, mix, best, bwd_bytes, bandwidth):
-    rows, original = [], (op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS)
+    rows = []
     grad_rows = torch.full((est.shape[0],), 1.0 / est.shape[0], device=est.device)
     for block in (256, 512, 1024):
         for warps in (4, 8, 16):
-            op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = block, warps
+            config = op.BackwardConfig(block, warps)
             try:
                 ms = time_cuda_graph(
-                    lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=100)
+                    lambda: op.backward(grad_rows, est, mix, best, "generalized", False, config), rep_ms=100)
                 rows.append(dict(block=block, warps=warps, backward_ms=ms, roofline=bwd_bytes / ms / 1e6 / bandwidth))
             except Exception as error:
                 rows.append(dict(block=block, warps=warps, error=str(error)[:100]))
-            finally:
-                op.BACKWARD_BLOCK_D, op.BACKWARD_WARPS = original
     return rows
 
 
@@ -94,16 +87,16 @@ def main():
     fwd_bytes = (est.numel() + mix.numel()) * 4
     bwd_bytes = fwd_bytes + est.numel() * 4
 
-    _, best = op.triton_forward(est, mix, "generalized")
-    (plan,) = op._forward_plans.values()
+    _, best = op.forward(est, mix, "generalized")
+    plan = op.forward_plan(est, mix, "generalized", op.default_partials_config(sources, mixtures))
     highs, workers, _ = plan["partials_grid"]
     programs_per_sm = highs * workers * batch / torch.cuda.get_device_properties(device).multi_processor_count
     print(f"forward plan: grid {plan['partials_grid']}, {programs_per_sm:.1f} programs per SM, "
           f"{plan['partials_kwargs']}")
     grad_rows = torch.full((batch,), 1.0 / batch, device=device)
-    forward = time_cuda_graph(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
-    backward = time_cuda_graph(lambda: op.triton_backward(grad_rows, est, mix, best, "generalized", False), rep_ms=200)
-    forward_eager = time_cuda(lambda: op.triton_forward(est, mix, "generalized"), rep_ms=200)
+    forward = time_cuda_graph(lambda: op.forward(est, mix, "generalized"), rep_ms=200)
+    backward = time_cuda_graph(lambda: op.backward(grad_rows, est, mix, best, "generalized", False), rep_ms=200)
+    forward_eager = time_cuda(lambda: op.forward(est, mix, "generalized"), rep_ms=200)
     leaf = est.clone().requires_grad_(True)
     issuing, total = host_ms_per_step(leaf, mix)
     result = dict(device=torch.cuda.get_device_name(), copy_gbps=bandwidth, shape=args.shape,

@@ -1,18 +1,17 @@
-// Python entry of the CPU MixIT L1 kernels: pybind11 functions on plain tensors.  The
-// torch.library ops, their fake implementations and autograd live in nrt_kernels/ops/mixit_l1.py;
-// nrt_kernels/_native.py registers these functions there as the "cpu" backend.
+// Python entry of the CPU kernels (the extension module nrt_kernels._cpu): pybind11 functions on plain
+// tensors.  The torch.library ops, their fake implementations and autograd live in nrt_kernels/ops/<op>/;
+// nrt_kernels/ops/<op>/cpu.py registers these functions as that op's "cpu" backend.
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu/mixit_l1_cpu.h"
 #include "cpu/pit_cpu.h"
+#include "nrt_config.h"
 
-// Bumped whenever the signatures below change, so that nrt_kernels/_native.py can tell a stale
-// prebuilt module from a current one and rebuild instead of crashing.
-constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nrt_kernels CPU kernels (fused MixIT L1, fused PIT)";
-  m.attr("ABI_VERSION") = kAbiVersion;
+  // build_config.CPU_ABI_VERSION: nrt_kernels/_native.py rebuilds a stale prebuilt module instead of crashing.
+  m.attr("ABI_VERSION") = NRT_ABI_VERSION;
   m.def("mixit_l1_forward", &nrt_kernels::mixit_l1_forward_cpu, pybind11::arg("est"), pybind11::arg("mixtures"),
         pybind11::arg("masks"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "(est (B, M, D), mixtures (B, N, D), masks (P, N) int32) -> (row_loss (B,), best (B,) int64)");

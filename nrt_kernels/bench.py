@@ -31,7 +31,7 @@ import torch
 
 from . import reference
 from .assignments import num_candidates
-from .dispatch import IMPLS, resolve_impl
+from .backends import IMPLS, resolve
 
 BASELINE = "pytorch"
 COMPILED = "torch.compile"
@@ -322,7 +322,7 @@ def probe_backend(impl: str, device: torch.device, allow_triton_on_cpu: bool) ->
     if impl == "triton" and device.type != "cuda" and not allow_triton_on_cpu:
         return "Triton needs a GPU (the Triton interpreter is far too slow to benchmark; name it with --impl to force)"
     try:
-        resolve_impl(impl, device)
+        resolve("mixit_l1", impl, device.type)
         from .losses import mixit_loss
 
         est = torch.randn(2, 3, 1, 64, device=device, requires_grad=True)

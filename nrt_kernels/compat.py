@@ -11,16 +11,17 @@ import warnings
 import torch
 from torch import nn
 
-from . import reference, training
+from . import training
 from .losses import mixit_loss, noise_robust_loss, pit_loss
-from .validate import MAX_EXHAUSTIVE_SOURCES, NOISE_ROBUST_TERMS, PIT_METRICS, SDR_METRICS
+from .build_config import PIT_MAX_EXHAUSTIVE_SOURCES, PIT_METRICS
+from .validate import NOISE_ROBUST_TERMS, SDR_METRICS
 
 
 class SingleSrcL1(nn.Module):
     """Per-example L1, ``|est - target|`` averaged over all but the batch dim: shape (B,)."""
 
     def forward(self, est_targets, targets):
-        return reference.l1_per_example(est_targets, targets)
+        return (est_targets - targets).abs().flatten(1).mean(1)
 
 
 def _is_per_example_l1(loss_func) -> bool:
@@ -39,7 +40,7 @@ def _is_per_example_l1(loss_func) -> bool:
             value = loss_func(est, target)
     except Exception:
         return False
-    expected = reference.l1_per_example(est, target)
+    expected = SingleSrcL1()(est, target)
     return isinstance(value, torch.Tensor) and value.shape == expected.shape and torch.allclose(value, expected)
 
 
@@ -72,6 +73,8 @@ class MixITLossWrapper(nn.Module):
                 warnings.warn(f"nrt_kernels fuses only a per-example L1; {self.loss_func!r} runs the reference loop "
                               "over every partition", stacklevel=2)
                 self._warned = True
+            from . import reference  # the loop over every partition, with the user's loss
+
             losses = reference.candidate_losses(est_targets, targets, partitions,
                                                 lambda mixed, target: self.loss_func(mixed, target, **kwargs))
             row_loss, best = torch.min(losses, dim=1)
@@ -94,6 +97,8 @@ def _pit_options(loss_func, pit_from: str):
     """The :func:`pit_loss` options that compute what asteroid's ``PITLossWrapper(loss_func, pit_from)`` does, or
     None. asteroid's classes are recognised by class name and attributes (asteroid is never imported), then
     checked on a small input against the reference, so a different class of the same name is not fused."""
+    from . import reference  # the probe's expected values; the fused path never imports it
+
     if isinstance(loss_func, str):
         return {"metric": loss_func} if loss_func in PIT_METRICS else None
     kind = _PIT_FUSABLE[pit_from].get(type(loss_func).__name__)
@@ -133,7 +138,7 @@ class PITLossWrapper(nn.Module):
     ``forward(est_targets, targets, return_est=False, reduce_kwargs=None, **kwargs)`` returns what asteroid returns:
     the batch mean of each row's best-permutation loss and, with ``return_est``, the reordered estimates.
     Fused (one pass, the permutation search on the device, no host sync, any number of sources up to
-    ``nrt_kernels.validate.MAX_PIT_SOURCES`` instead of asteroid's 9): asteroid's ``PairwiseNegSDR`` instances
+    ``nrt_kernels.build_config.PIT_MAX_SOURCES`` instead of asteroid's 9): asteroid's ``PairwiseNegSDR`` instances
     (``pairwise_neg_sisdr``, ``_sdsdr``, ``_snr``, any ``zero_mean`` / ``EPS``) and ``PairwiseMSE`` with
     ``pit_from="pw_mtx"``, ``SingleSrcNegSDR`` / ``SingleSrcMSE`` with ``"pw_pt"``, ``MultiSrcNegSDR`` /
     ``MultiSrcMSE`` with ``"perm_avg"``, and the metric names of :func:`nrt_kernels.pit_loss`. Like asteroid, up to
@@ -157,7 +162,7 @@ class PITLossWrapper(nn.Module):
     def forward(self, est_targets, targets, return_est=False, reduce_kwargs=None, **kwargs):
         num_sources = targets.shape[1]
         if self.options is not None and self.perm_reduce is None and not kwargs:
-            exhaustive_max = MAX_EXHAUSTIVE_SOURCES if self.pit_from == "perm_avg" else 3
+            exhaustive_max = PIT_MAX_EXHAUSTIVE_SOURCES if self.pit_from == "perm_avg" else 3
             solver = "exhaustive" if num_sources <= exhaustive_max else "hungarian"
             return pit_loss(est_targets, targets, return_est=return_est, solver=solver, impl=self.impl,
                             **self.options)
@@ -170,6 +175,8 @@ class PITLossWrapper(nn.Module):
         if num_sources >= 10:
             raise ValueError(f"asteroid's PIT algorithm supports fewer than 10 sources, got {num_sources}; the fused "
                              "losses (nrt_kernels.pit_loss metrics) have no such limit")
+        from . import reference  # asteroid's algorithm with the user's loss
+
         return reference.pit_wrapper_loss(self.loss_func, self.pit_from, est_targets, targets,
                                           perm_reduce=self.perm_reduce, return_est=return_est,
                                           reduce_kwargs=reduce_kwargs, **kwargs)

@@ -4,14 +4,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import reference
-from .dispatch import resolve_impl
-from .ops.mixit_l1 import mixit_l1
+from . import backends
+from .ops import noise_robust_l1 as noise_robust_op
 from .ops import pit as pit_op
-from .ops.noise_robust_l1 import TERM_NAMES, noise_robust_l1
-from .validate import check_mixit_inputs
-from .validate import check_noise_robust_inputs
+from .ops._operands import common_dtype, fused_operand
+from .ops.mixit_l1 import mixit_l1_loss
+from .ops.noise_robust_l1.composed import Composition, composed_loss
+from .validate import NOISE_ROBUST_TERMS, check_mixit_inputs, check_noise_robust_inputs, check_pairing_option
 from .validate import check_pit_inputs
+
+
+def _reference():
+    # impl="reference" runs the independent definition; the fused paths never import it.
+    from . import reference
+
+    return reference
 
 
 def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
@@ -33,17 +40,12 @@ def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reductio
         The loss is float32 for float16/bfloat16/float32 inputs on the fused paths.
     """
     check_mixit_inputs(est, mixtures, metric=metric, partitions=partitions, reduction=reduction)
-    backend = resolve_impl(impl, est.device)
+    backend = backends.resolve("mixit_l1", impl, est.device.type)
     if backend == "reference":
-        return reference.mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
-                                    return_est=return_est, return_assignment=return_assignment)
-    batch, num_sources, num_mixtures = est.shape[0], est.shape[1], mixtures.shape[1]
-    dtype = torch.promote_types(est.dtype, mixtures.dtype)
-    flat_est = _fused_operand(est, dtype, batch, num_sources)
-    flat_mix = _fused_operand(mixtures, dtype, batch, num_mixtures)
-    row_loss, best = mixit_l1(flat_est, flat_mix, partitions, backend)
-    return reference.finish_mixit(row_loss, best, est, num_mixtures, partitions=partitions, reduction=reduction,
-                                  return_est=return_est, return_assignment=return_assignment)
+        return _reference().mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
+                                       return_est=return_est, return_assignment=return_assignment)
+    return mixit_l1_loss(est, mixtures, backend, partitions=partitions, reduction=reduction, return_est=return_est,
+                         return_assignment=return_assignment)
 
 
 class MixITLoss(nn.Module):
@@ -60,17 +62,6 @@ class MixITLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
-
-
-def _fused_operand(tensor: torch.Tensor, dtype: torch.dtype, batch: int, rows: int) -> torch.Tensor:
-    # The kernels read (B, rows, D) row-major: a non-contiguous input costs one copy here.
-    flat = tensor.to(dtype).reshape(batch, rows, -1).contiguous()
-    # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
-    # (torch.compile never sees inference tensors as graph inputs, and cannot trace the test.)
-    if (not torch.compiler.is_compiling() and flat.is_inference() and torch.is_grad_enabled()
-            and not torch.is_inference_mode_enabled()):
-        flat = flat.clone()
-    return flat
 
 
 def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=None, pairing=None,
@@ -96,8 +87,9 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
             V2 by the weights of the computed terms) or "active" (the weights of the computed terms).
         source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
         return_terms: also return ``{term name: detached value}`` of the computed terms.
-        impl: "auto", "triton" (one fused op), "cuda"/"cpu" (the MixIT op of that backend, the other terms in
-            PyTorch) or "reference".  Targets or teacher targets that require grad take the reference path.
+        impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the C++ MixIT op with
+            the other terms in PyTorch) or "reference".  Targets or teacher targets that require grad take the
+            composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates them too.
 
     Under DistributedDataParallel each process's loss is the mean over its own shard; with equal shards DDP's
     gradient averaging gives exactly the gradient of the full-batch loss (tests/test_ddp.py).  The default
@@ -108,49 +100,33 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     """
     check_noise_robust_inputs(est, targets, teacher_targets, version=version, weights=weights, normalize=normalize,
                               source_weights=source_weights)
-    active = reference.active_terms(version, weights, teacher_targets is not None)
-    backend = resolve_impl(impl, est.device)
-    target_grad = targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
-    if backend == "reference" or (target_grad and torch.is_grad_enabled()):
-        return reference.noise_robust_loss(est, targets, version=version, weights=weights,
-                                           teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
-                                           source_weights=source_weights, return_terms=return_terms)
-    divisor = reference.loss_divisor(version, weights, active, normalize)
     batch, num_sources = est.shape[:2]
-    # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
-    rows_device = pairing.device if isinstance(pairing, torch.Tensor) else torch.device("cpu")
-    rows = reference.pairing_rows(pairing, batch, num_sources, rows_device) if "mixit" in active else None
-    if backend != "triton":
-        terms = reference.noise_robust_terms(
-            est, targets, teacher_targets, active, rows, source_weights=source_weights,
-            mixit=lambda est_, mixtures: mixit_loss(est_, mixtures, impl=backend))
-        loss = reference.combine_terms(terms, active, divisor)
+    check_pairing_option(pairing, batch, num_sources)
+    backend = backends.resolve(noise_robust_op.OP, impl, est.device.type)
+    if backend == "reference":
+        return _reference().noise_robust_loss(est, targets, version=version, weights=weights,
+                                              teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
+                                              source_weights=source_weights, return_terms=return_terms)
+    active = noise_robust_op.active_terms(NOISE_ROBUST_TERMS[version], weights, teacher_targets is not None)
+    divisor = noise_robust_op.loss_divisor(version, weights, active, normalize)
+    # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
+    rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
+    implementation = backends.lookup(noise_robust_op.OP, backend)
+    target_grad = targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
+    if isinstance(implementation, Composition) or (target_grad and torch.is_grad_enabled()):
+        loss, terms = composed_loss(est, targets, teacher_targets, active, rows, divisor, source_weights, backend)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
 
-    dtype = torch.promote_types(est.dtype, targets.dtype)
-    if "teacher" in active:
-        dtype = torch.promote_types(dtype, teacher_targets.dtype)
-    flat_est = _fused_operand(est, dtype, batch, num_sources)
-    flat_targets = _fused_operand(targets, dtype, batch, num_sources)
-    flat_teacher = (_fused_operand(teacher_targets, dtype, batch, num_sources) if "teacher" in active
-                    else flat_est.new_empty(0))
-    if rows is None:
-        pair_masks = torch.zeros(batch, dtype=torch.int32, device=est.device)
-    else:
-        first_half = rows[:, : num_sources // 2]
-        pair_masks = torch.bitwise_left_shift(torch.ones_like(first_half), first_half).sum(1).to(torch.int32)
-        pair_masks = pair_masks.to(est.device, non_blocking=True)
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if source_weights is None:
-        flat_source_weights = torch.empty(0, dtype=acc_dtype, device=est.device)
-    else:
-        flat_source_weights = torch.as_tensor(source_weights, dtype=acc_dtype, device=est.device).reshape(-1)
-        flat_source_weights = (flat_source_weights / flat_source_weights.sum()).contiguous()
-    op_weights = [active.get(name, 0.0) for name in TERM_NAMES]
-    loss, term_values, _ = noise_robust_l1(flat_est, flat_targets, flat_teacher, pair_masks, flat_source_weights,
-                                           op_weights, divisor, backend)
+    dtype = common_dtype(est, targets, *([teacher_targets] if "teacher" in active else []))
+    flat_est = fused_operand(est, dtype)
+    flat_teacher = fused_operand(teacher_targets, dtype) if "teacher" in active else flat_est.new_empty(0)
+    loss, term_values, _ = noise_robust_op.noise_robust_l1(
+        flat_est, fused_operand(targets, dtype), flat_teacher, noise_robust_op.pair_masks(rows, batch, num_sources,
+                                                                                         est.device),
+        noise_robust_op.normalized_source_weights(source_weights, dtype, est.device),
+        [active.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], divisor, backend)
     if return_terms:
-        return loss, {name: term_values[TERM_NAMES.index(name)] for name in active}
+        return loss, {name: term_values[noise_robust_op.TERM_NAMES.index(name)] for name in active}
     return loss
 
 
@@ -204,21 +180,12 @@ def pit_loss(est, targets, *, metric="sisdr", reduction="mean", return_est=False
     """
     check_pit_inputs(est, targets, metric=metric, solver=solver, reduction=reduction, zero_mean=zero_mean, eps=eps,
                      max_snr=max_snr)
-    if impl == "cuda":
-        raise ValueError('pit_loss has no hand-written CUDA kernels; use impl="triton" (or "auto") on CUDA tensors')
-    backend = resolve_impl(impl, est.device)
+    backend = backends.resolve(pit_op.OP, impl, est.device.type)
+    options = dict(metric=metric, reduction=reduction, return_est=return_est, return_perm=return_perm,
+                   solver=solver, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
     if backend == "reference":
-        return reference.pit_loss(est, targets, metric=metric, reduction=reduction, return_est=return_est,
-                                  return_perm=return_perm, solver=solver, zero_mean=zero_mean, eps=eps,
-                                  max_snr=max_snr)
-    batch, num_sources = est.shape[:2]
-    dtype = torch.promote_types(est.dtype, targets.dtype)
-    row_loss, perm, _ = pit_op.pit(_fused_operand(est, dtype, batch, num_sources),
-                                _fused_operand(targets, dtype, batch, num_sources), metric,
-                                pit_op.resolve_solver(solver, num_sources), backend, zero_mean, float(eps),
-                                float(max_snr))
-    return reference.finish_pit(row_loss, perm, est, reduction=reduction, return_est=return_est,
-                                return_perm=return_perm)
+        return _reference().pit_loss(est, targets, **options)
+    return pit_op.pit_loss(est, targets, backend, **options)
 
 
 class PITLoss(nn.Module):

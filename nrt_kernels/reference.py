@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from .assignments import candidate_assignments, candidate_groups
+from .assignments import candidate_groups
 from .validate import NOISE_ROBUST_TERMS, check_mixit_inputs, check_noise_robust_inputs, check_pairing
 from .validate import check_pit_inputs
 
@@ -21,14 +21,16 @@ def l1_per_example(est_mixtures: torch.Tensor, mixtures: torch.Tensor) -> torch.
 
 
 def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> torch.Tensor:
-    """Sum each row's sources into its mixtures: ``assignment`` is (B, M) mixture indices; returns (B, N, *)."""
-    trailing = (1,) * (est.ndim - 2)
-    groups = [
-        torch.where((assignment == n).view(*assignment.shape, *trailing), est, torch.zeros((), dtype=est.dtype,
-                                                                                          device=est.device)).sum(1)
-        for n in range(num_mixtures)
-    ]
-    return torch.stack(groups, dim=1)
+    """Sum each row's sources into its mixtures, one row at a time (asteroid's ``reorder_source``):
+    ``assignment`` is (B, M) mixture indices; returns (B, N, *)."""
+    rows = []
+    for b in range(est.shape[0]):
+        mixed = []
+        for n in range(num_mixtures):
+            sources = [s for s in range(est.shape[1]) if assignment[b, s] == n]
+            mixed.append(est[b, sources].sum(0) if sources else torch.zeros_like(est[b, 0]))
+        rows.append(torch.stack(mixed))
+    return torch.stack(rows)
 
 
 def candidate_losses(est: torch.Tensor, mixtures: torch.Tensor, partitions: str = "generalized",
@@ -47,7 +49,11 @@ def finish_mixit(row_loss, best, est, num_mixtures, *, partitions, reduction, re
     loss = row_loss.mean() if reduction == "mean" else row_loss
     if not (return_est or return_assignment):
         return loss
-    assignment = candidate_assignments(est.shape[1], num_mixtures, partitions, est.device)[best]
+    groups = candidate_groups(est.shape[1], num_mixtures, partitions)
+    assignment = torch.empty(est.shape[0], est.shape[1], dtype=torch.int64, device=est.device)
+    for b, candidate in enumerate(best.tolist()):
+        for n, group in enumerate(groups[candidate]):
+            assignment[b, list(group)] = n
     outputs = [loss]
     if return_est:
         outputs.append(remix(est, assignment, num_mixtures))
@@ -445,7 +451,7 @@ def finish_pit(row_loss, perm, est, *, reduction, return_est, return_perm):
         return loss
     outputs = [loss]
     if return_est:
-        outputs.append(torch.gather(est, 1, perm.view(*perm.shape, *(1,) * (est.ndim - 2)).expand_as(est)))
+        outputs.append(reorder_source(est, perm))
     if return_perm:
         outputs.append(perm)
     return tuple(outputs)

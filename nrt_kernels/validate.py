@@ -6,6 +6,7 @@ import numbers
 import torch
 
 from .assignments import MAX_CANDIDATES, MAX_SOURCES, PARTITION_MODES, num_candidates
+from .build_config import PIT_MAX_EXHAUSTIVE_SOURCES, PIT_MAX_SOURCES, PIT_METRICS
 
 REDUCTIONS = ("mean", "none")
 METRICS = ("l1",)
@@ -103,6 +104,15 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
             raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
 
 
+def check_pairing_option(pairing, batch: int, num_sources: int) -> None:
+    """``pairing`` of the noise-robust loss: None, "per_example" or an explicit permutation tensor."""
+    if isinstance(pairing, str):
+        if pairing != "per_example":
+            raise ValueError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
+    elif pairing is not None:
+        check_pairing(pairing, batch, num_sources)
+
+
 def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
     """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row."""
     if not isinstance(pairing, torch.Tensor):
@@ -124,13 +134,8 @@ def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
 # PIT: est and targets (B, M, *), a pairwise metric, a permutation solver.
 # ----------------------------------------------------------------------------------------------
 
-PIT_METRICS = ("sisdr", "sdsdr", "snr", "mse", "l1", "log_mse")
 SDR_METRICS = ("sisdr", "sdsdr", "snr")
 PIT_SOLVERS = ("auto", "exhaustive", "hungarian")
-# The Hungarian kernels keep a row's columns in one warp's lanes (32); the exhaustive solver scores M!
-# permutations, 40320 at 8.
-MAX_PIT_SOURCES = 32
-MAX_EXHAUSTIVE_SOURCES = 8
 
 
 def check_pit_inputs(est, targets, *, metric="sisdr", solver="auto", reduction="mean", zero_mean=True, eps=1e-8,
@@ -157,12 +162,12 @@ def check_pit_inputs(est, targets, *, metric="sisdr", solver="auto", reduction="
     if est.numel() == 0:
         raise ValueError(f"empty input: est has shape {tuple(est.shape)}")
     num_sources = est.shape[1]
-    if num_sources > MAX_PIT_SOURCES:
-        raise ValueError(f"at most {MAX_PIT_SOURCES} sources are supported, got {num_sources}")
-    if solver == "exhaustive" and num_sources > MAX_EXHAUSTIVE_SOURCES:
+    if num_sources > PIT_MAX_SOURCES:
+        raise ValueError(f"at most {PIT_MAX_SOURCES} sources are supported, got {num_sources}")
+    if solver == "exhaustive" and num_sources > PIT_MAX_EXHAUSTIVE_SOURCES:
         raise ValueError(f'solver="exhaustive" scores all {num_sources}! permutations and supports at most '
-                         f'{MAX_EXHAUSTIVE_SOURCES} sources, got {num_sources}; use solver="hungarian" (exact, any '
-                         f'M up to {MAX_PIT_SOURCES}) or "auto"')
+                         f'{PIT_MAX_EXHAUSTIVE_SOURCES} sources, got {num_sources}; use solver="hungarian" (exact, any '
+                         f'M up to {PIT_MAX_SOURCES}) or "auto"')
     for name, value in (("eps", eps), ("max_snr", max_snr)):
         if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real) \
                 or value != value or abs(value) == float("inf"):

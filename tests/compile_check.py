@@ -106,10 +106,11 @@ def main() -> int:
     TARGET = GPUTarget("cuda", args.arch, 32)
     JITFunction.__getitem__ = _compile_only
 
-    from nrt_kernels import dispatch
+    from nrt_kernels import backends
 
     # CPU tensors stand in for CUDA ones: let them through to the (compile-only) launches.
-    dispatch.triton_interpreted = lambda: True
+    backends.triton_interpreted = lambda: True
+    backends._triton_kernels_interpreted = lambda: True
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     _check_mixit((torch.float32, torch.bfloat16, torch.float16, torch.float64),
                  ((4, 2, "generalized"), (4, 2, "equal"), (8, 2, "generalized"), (3, 3, "generalized"),
@@ -121,17 +122,8 @@ def main() -> int:
                          ("v2", [0.5, 0.5, 2, 0.5], torch.bfloat16, 8, None),
                          ("v1", [1, 2, 1], torch.float32, 2, None)])
     # The pipelined partials loops that the GPU tune scripts sweep: they must compile, without spills, too.
-    from nrt_kernels.ops import mixit_l1, noise_robust_l1
-
-    defaults = mixit_l1.PARTIALS_STAGES, noise_robust_l1.PARTIALS_STAGES
     for stages in (2, 3, 4):
-        mixit_l1.PARTIALS_STAGES = noise_robust_l1.PARTIALS_STAGES = stages
-        mixit_l1._forward_plans.clear()
-        noise_robust_l1._partials_plans.clear()
-        _check_mixit((torch.float32, torch.bfloat16), ((4, 2, "generalized"),))
-        _check_noise_robust([("v1", [1, 2, 1], torch.float32, 4, None),
-                             ("v2", [0.5, 0.5, 2, 0.5], torch.bfloat16, 4, None)])
-    mixit_l1.PARTIALS_STAGES, noise_robust_l1.PARTIALS_STAGES = defaults
+        _check_pipelined(stages)
     # Every metric (constexpr METRIC / IS_L1 / CENTERED), both solvers, the source paddings MP = 16 and 32.
     _check_pit([("sisdr", "exhaustive", torch.float32, 3), ("sdsdr", "hungarian", torch.float32, 4),
                 ("snr", "exhaustive", torch.float64, 2), ("mse", "hungarian", torch.bfloat16, 4),
@@ -151,6 +143,23 @@ def _check_mixit(dtypes, cases):
             mix = torch.randn(2, mixtures, 2, 300).to(dtype).requires_grad_(True)
             loss = nrt_kernels.mixit_loss(est, mix, partitions=partitions, impl="triton")
             loss.backward()
+
+
+def _check_pipelined(stages):
+    from dataclasses import replace
+
+    from nrt_kernels.ops.mixit_l1 import triton as mixit_triton
+    from nrt_kernels.ops.noise_robust_l1 import triton as noise_robust_triton
+
+    for dtype in (torch.float32, torch.bfloat16):
+        est, mix = torch.randn(2, 4, 600).to(dtype), torch.randn(2, 2, 600).to(dtype)
+        config = replace(mixit_triton.default_partials_config(4, 2), loop_stages=stages)
+        mixit_triton.forward(est, mix, "generalized", config)
+    for weights, dtype in (([1.0, 0.0, 2.0, 1.0], torch.float32), ([0.5, 0.5, 2.0, 0.5], torch.bfloat16)):
+        est, targets, teacher = (torch.randn(2, 4, 300).to(dtype) for _ in range(3))
+        masks = torch.tensor([0b0011, 0b0101], dtype=torch.int32)
+        noise_robust_triton.forward(est, targets, teacher, masks, est.new_empty(0, dtype=torch.float32), weights,
+                                    4.0, noise_robust_triton.PartialsConfig(loop_stages=stages))
 
 
 def _check_noise_robust(cases):

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import nrt_kernels
-from nrt_kernels import dispatch
+from nrt_kernels import backends
 
 IMPLS = ["triton", "cpu", "auto"]
 
 
 def require(impl):
     try:
-        dispatch.resolve_impl(impl, torch.device("cpu"))
-    except RuntimeError as error:  # the C++ extension could not be built here
+        backends.resolve("mixit_l1", impl, "cpu")
+    except backends.BackendUnavailable as error:  # the C++ extension could not be built here
         pytest.skip(str(error))
 
 

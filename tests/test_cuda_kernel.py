@@ -17,7 +17,7 @@ import torch
 from tolerances import LOSS_TOLERANCE, assert_close_to_truth
 
 import nrt_kernels
-from nrt_kernels import _cuda_lib, assignments, reference
+from nrt_kernels import _cuda_lib, assignments, build_config, reference
 
 IMPL = "cuda"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -226,7 +226,7 @@ def test_cpu_tensors_say_what_to_use():
         nrt_kernels.mixit_loss(est, mix, impl=IMPL)
 
 
-@pytest.mark.skipif(_cuda_lib.find_nvcc() is None, reason="needs nvcc")
+@pytest.mark.skipif(build_config.find_nvcc() is None, reason="needs nvcc")
 @pytest.mark.skipif(bool(os.environ.get(_cuda_lib.ENV_LIBRARY)), reason="NRT_CUDA_LIB names a library built already")
 def test_build_exports_the_launchers(tmp_path):
     # One target keeps this to about half a minute on two cores; the CI compile check covers every target.
@@ -240,6 +240,6 @@ def test_build_exports_the_launchers(tmp_path):
 
 
 def test_missing_nvcc_says_how(monkeypatch, tmp_path):
-    monkeypatch.setattr(_cuda_lib, "find_nvcc", lambda: None)
+    monkeypatch.setattr(build_config, "find_nvcc", lambda: None)
     with pytest.raises(_cuda_lib.CudaLibraryError, match="nvcc was not found.*NRT_CUDA_LIB"):
         _cuda_lib.build(tmp_path)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tolerances import LOSS_TOLERANCE, assert_close_to_truth, rows_choosing_like_reference
 
 import nrt_kernels
-from nrt_kernels import _native, assignments, dispatch, reference
+from nrt_kernels import _native, assignments, backends, reference
 
 IMPL = "cpu"
 # Longer than one forward tile (4096) and backward tile (8192) of the kernel, and not a multiple of its
@@ -251,34 +251,43 @@ def test_extension_checks_its_own_arguments(native):
         native.mixit_l1_backward(torch.ones(2, dtype=torch.float64), est, mix, best + len(masks), masks, False)
 
 
+def _forget_cpu_backends(monkeypatch):
+    # A fresh process as far as the CPU backends go: nothing loaded or registered.
+    for op in ("mixit_l1", "noise_robust_l1"):
+        monkeypatch.delitem(backends._registry, (op, "cpu"), raising=False)
+        monkeypatch.delitem(sys.modules, backends.BACKEND_MODULES[(op, "cpu")], raising=False)
+    monkeypatch.setattr(_native, "load_cpu_extension", _native.load_cpu_extension.__wrapped__)
+    monkeypatch.setattr(backends, "_fallbacks_said", set())
+
+
 def test_auto_prefers_the_extension_on_cpu(monkeypatch):
-    assert dispatch.resolve_impl("auto", torch.device("cpu")) == "cpu"
-    monkeypatch.setattr(_native, "cpu_extension_available", lambda: False)
-    assert dispatch.resolve_impl("auto", torch.device("cpu")) == "reference"
+    assert backends.resolve("mixit_l1", "auto", "cpu") == "cpu"
+    _forget_cpu_backends(monkeypatch)
+    monkeypatch.setattr(_native, "_import_prebuilt", lambda: None)
+    monkeypatch.setattr(_native, "_compile_just_in_time", lambda: (_ for _ in ()).throw(OSError("no compiler")))
+    with pytest.warns(RuntimeWarning, match='impl="auto" runs mixit_l1 on the reference loop'):
+        assert backends.resolve("mixit_l1", "auto", "cpu") == "reference"
 
 
 def test_missing_extension_says_how_to_get_it(monkeypatch):
     def no_compiler():
         raise OSError("no C++ compiler found")
 
+    _forget_cpu_backends(monkeypatch)
     monkeypatch.setattr(_native, "_import_prebuilt", lambda: None)
     monkeypatch.setattr(_native, "_compile_just_in_time", no_compiler)
-    _native._load.cache_clear()
-    _native._available.cache_clear()
-    try:
+    for op in ("mixit_l1", "noise_robust_l1"):
         with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e .") as error:
-            dispatch.resolve_impl("cpu", torch.device("cpu"))
+            backends.resolve(op, "cpu", "cpu")
         assert "no C++ compiler found" in str(error.value)
-        # "auto" falls back to the reference silently.
-        assert dispatch.resolve_impl("auto", torch.device("cpu")) == "reference"
-    finally:
-        _native._load.cache_clear()
-        _native._available.cache_clear()
+        # "auto" falls back to the reference, and says so once.
+        with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found"):
+            assert backends.resolve(op, "auto", "cpu") == "reference"
 
 
 def test_cpu_impl_rejects_other_devices():
     with pytest.raises(RuntimeError, match='impl="cpu" runs on CPU tensors'):
-        dispatch.resolve_impl("cpu", torch.device("cuda"))
+        backends.resolve("mixit_l1", "cpu", "cuda")
 
 
 def test_import_compiles_nothing():

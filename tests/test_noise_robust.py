@@ -257,8 +257,9 @@ def test_module_and_auto_impl_on_cpu_avoid_the_interpreter(monkeypatch):
     criterion = nrt_kernels.NoiseRobustLoss(version="v2", impl="auto")
     kwargs = dict(weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
     # On the CPU, auto never runs the Triton kernels: break them and the call still works.
-    import nrt_kernels.ops.noise_robust_l1 as op_module
-    monkeypatch.setitem(op_module._BACKENDS, "triton", None)
+    from nrt_kernels import backends
+    monkeypatch.setitem(backends._registry, ("noise_robust_l1", "triton"), None)
+    monkeypatch.setitem(backends._registry, ("mixit_l1", "triton"), None)
     loss, terms = criterion(est, targets, return_terms=True, **kwargs)
     expected = reference.noise_robust_loss(est, targets, version="v2", **kwargs)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-13)
@@ -299,9 +300,11 @@ def test_bad_inputs_raise_clear_errors(bad, match, impl):
 
 
 def test_cpu_backend_composes_the_mixit_op_with_pytorch_terms():
-    from nrt_kernels import _native
-    if not _native.cpu_extension_available():
-        pytest.skip("the CPU extension is not available in this build")
+    from nrt_kernels import backends
+    try:
+        backends.resolve("noise_robust_l1", "cpu", "cpu")
+    except backends.BackendUnavailable as error:
+        pytest.skip(str(error))
     est, targets, teacher, pairing = make_inputs(seed=20, device="cpu")
     kwargs = dict(version="v2", weights=[0.5, 0.5, 2, 0.5], teacher_targets=teacher, pairing=pairing)
     fast = loss_terms_grad(nrt_kernels.noise_robust_loss, est, targets, impl="cpu", **kwargs)

@@ -9,6 +9,8 @@
 // the first minimum over candidates, NaN first (torch.min semantics).
 #include "mixit_l1_cpu.h"
 
+#include "../nrt_config.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,8 +38,8 @@ constexpr int64_t kTile = 4096;
 // Elements of D per backward work item, and per pass over its sources (the chunk's errors stay in L1).
 constexpr int64_t kBackwardTile = 8192;
 constexpr int64_t kBackwardChunk = 512;
-// nrt_kernels.assignments.MAX_SOURCES: the subset table has 2**M entries.
-constexpr int64_t kMaxSources = 12;
+// build_config.MAX_SOURCES: the subset table has 2**M entries.
+constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 
 // Runtime ISA dispatch (function multiversioning through an ifunc resolver): the two hot functions are
 // compiled for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has, so the module

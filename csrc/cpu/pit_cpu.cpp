@@ -21,14 +21,23 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include "../nrt_config.h"
+
 namespace nrt_kernels {
 namespace {
 
-// nrt_kernels.ops.pit.METRICS order.
-enum Metric : int64_t { kSiSdr = 0, kSdSdr = 1, kSnr = 2, kMse = 3, kL1 = 4, kLogMse = 5 };
-// nrt_kernels.validate.MAX_PIT_SOURCES and nrt_kernels.ops.pit.NUM_COEFFS.
-constexpr int64_t kMaxSources = 32;
-constexpr int64_t kCoeffs = 6;
+// nrt_kernels/build_config.py's PIT_METRICS order, PIT_MAX_SOURCES and PIT_NUM_COEFFS.
+enum Metric : int64_t {
+  kSiSdr = NRT_PIT_METRIC_SISDR,
+  kSdSdr = NRT_PIT_METRIC_SDSDR,
+  kSnr = NRT_PIT_METRIC_SNR,
+  kMse = NRT_PIT_METRIC_MSE,
+  kL1 = NRT_PIT_METRIC_L1,
+  kLogMse = NRT_PIT_METRIC_LOG_MSE,
+};
+constexpr int64_t kMaxSources = NRT_PIT_MAX_SOURCES;
+constexpr int64_t kMaxExhaustiveSources = NRT_PIT_MAX_EXHAUSTIVE_SOURCES;
+constexpr int64_t kCoeffs = NRT_PIT_NUM_COEFFS;
 // Elements of T per forward work item: a constant (not derived from the thread count), so the partial statistics
 // and hence every result are bitwise identical whatever the number of threads.
 constexpr int64_t kTile = 4096;
@@ -393,7 +402,9 @@ void check_inputs(const at::Tensor& est, const at::Tensor& targets, int64_t metr
   TORCH_CHECK(est.size(1) >= 1 && est.size(1) <= kMaxSources, "at most ", kMaxSources, " sources, got ",
               est.size(1));
   TORCH_CHECK(est.numel() > 0, "empty input");
-  TORCH_CHECK(metric >= kSiSdr && metric <= kLogMse, "unknown metric index ", metric);
+  TORCH_CHECK(metric == kSiSdr || metric == kSdSdr || metric == kSnr || metric == kMse || metric == kL1 ||
+                  metric == kLogMse,
+              "unknown metric index ", metric);
 }
 
 }  // namespace
@@ -402,8 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pit_forward_cpu(const at::Tensor&
                                                                int64_t metric, bool hungarian, bool zero_mean,
                                                                double eps, double max_snr) {
   check_inputs(est_in, targets_in, metric);
-  TORCH_CHECK(hungarian || est_in.size(1) <= 8, "the exhaustive solver supports at most 8 sources, got ",
-              est_in.size(1));
+  TORCH_CHECK(hungarian || est_in.size(1) <= kMaxExhaustiveSources, "the exhaustive solver supports at most ",
+              kMaxExhaustiveSources, " sources, got ", est_in.size(1));
   const at::Tensor est = est_in.contiguous(), targets = targets_in.contiguous();
   const int64_t batch = est.size(0), m = est.size(1);
   const auto loss_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -18,6 +18,8 @@
 // Backward: mixit_l1_backward_kernel recomputes each mixture's error under the row's best candidate
 // and writes grad_est = grad_row / (N * D) * sign(err) (and -that for the mixtures).
 
+#include "../nrt_config.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,10 +38,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Mixtures handled by one forward block; larger N is split into groups of this many.
 constexpr int kMaxMixtureBlock = 4;
-constexpr int kMaxSources = 12;
+constexpr int kMaxSources = NRT_MAX_SOURCES;
 constexpr int kMaxCachedDevices = 64;
 
-enum DTypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum DTypeCode : int { kFloat32 = NRT_DTYPE_FLOAT32, kBFloat16 = NRT_DTYPE_BFLOAT16, kFloat16 = NRT_DTYPE_FLOAT16 };
 
 // ------------------------------------------------------------------------------------------------
 // 16-byte vector loads and stores, converted to / from float32
@@ -585,6 +587,7 @@ template <typename T>
 cudaError_t backward_for_sources(int M, const float* grad_rows, const void* est, const void* mix, const int* masks,
                                  const int64_t* best, void* grad_est, void* grad_mix, int64_t B, int N, int64_t D,
                                  bool aligned, cudaStream_t stream) {
+  static_assert(kMaxSources == 12, "one case per source count up to NRT_MAX_SOURCES");
 #define NRT_BACKWARD_CASE(m) \
   case m: return launch_backward<T, m>(grad_rows, est, mix, masks, best, grad_est, grad_mix, B, N, D, aligned, stream);
   switch (M) {
@@ -609,13 +612,13 @@ cudaError_t backward_for_sources(int M, const float* grad_rows, const void* est,
 
 // ------------------------------------------------------------------------------------------------
 // C interface (nrt_kernels/_cuda_lib.py).  Every function returns a cudaError_t; dtype codes are
-// 0 float32, 1 bfloat16, 2 float16.  All pointers are device pointers of contiguous tensors.
+// nrt_kernels/build_config.py's CUDA_DTYPE_CODES.  All pointers are device pointers of contiguous tensors.
 // ------------------------------------------------------------------------------------------------
 
 #define NRT_EXPORT extern "C" __attribute__((visibility("default")))
 
-// Bumped whenever a signature below changes; the loader refuses a library of another version.
-NRT_EXPORT int nrt_cuda_abi_version() { return 1; }
+// build_config.CUDA_ABI_VERSION: the loader refuses a library of another version.
+NRT_EXPORT int nrt_cuda_abi_version() { return NRT_ABI_VERSION; }
 
 NRT_EXPORT const char* nrt_cuda_error_string(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));

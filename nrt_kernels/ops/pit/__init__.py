@@ -22,43 +22,29 @@ Per batch row, est and targets flattened to ``(M, T)``:
    ``grad t_j = c3 e_i + c4 t_j + c5`` (the constants undo the means), so the backward is one elementwise pass
    through the permutation; for L1 ``c0 = 1 / (M T)`` scales ``sign(e_i - t_j)``.
 
-Backends (``triton``, ``cpu``) live in this package, one module each, imported the first time they run; each
-calls :func:`register_backend`.
+The backends (``triton.py``, ``cpu.py``) register ``forward(est, targets, metric, hungarian, zero_mean, eps,
+max_snr) -> (row_loss, perm, coeffs)`` and ``backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad)
+-> (grad_est, grad_targets or None)`` (``metric`` an index into :data:`METRICS`) with :mod:`nrt_kernels.backends`.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
-from typing import Callable
 
 import torch
 
-from ...validate import MAX_EXHAUSTIVE_SOURCES, PIT_METRICS
+from ... import backends
+from ...build_config import PIT_MAX_EXHAUSTIVE_SOURCES, PIT_METRICS, PIT_NUM_COEFFS
+from .._operands import common_dtype, fused_operand, row_loss_dtype
 
-# The metric index every kernel reads (csrc/cpu/pit_cpu.cpp's Metric enum, triton.py's constants).
+OP = "pit"
+# The metric index every kernel reads (build_config passes it to the C++ kernels as -D macros).
 METRICS = PIT_METRICS
-NUM_COEFFS = 6
+NUM_COEFFS = PIT_NUM_COEFFS
 # Sources up to which solver="auto" scores every permutation: asteroid's own crossover (its factorial search up to
 # 3 sources, scipy's Hungarian above), so "auto" breaks ties as asteroid does. Measured on the CPU
 # (benchmarks/RESULTS.md): the exhaustive solver is no faster than the Hungarian from M = 4 on.
 AUTO_EXHAUSTIVE_MAX = 3
-
-_BACKENDS: dict[str, tuple[Callable, Callable]] = {}
-
-
-def register_backend(name: str, forward: Callable, backward: Callable) -> None:
-    """``forward(est, targets, metric, hungarian, zero_mean, eps, max_snr) -> (row_loss, perm, coeffs)``;
-    ``backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad) -> (grad_est, grad_targets or None)``.
-    ``metric`` is an index into :data:`METRICS`."""
-    _BACKENDS[name] = (forward, backward)
-
-
-def _backend(impl: str) -> tuple[Callable, Callable]:
-    if impl not in _BACKENDS:
-        importlib.import_module(f".{impl}", __name__)  # registers itself
-    return _BACKENDS[impl]
-
 
 def resolve_solver(solver: str, num_sources: int) -> str:
     """"exhaustive" or "hungarian" for a validated ``solver`` argument."""
@@ -77,18 +63,13 @@ _permutation_tables: dict = {}
 
 def permutation_table(num_sources: int, device) -> torch.Tensor:
     """(M!, M) int8: every permutation in ``itertools.permutations`` order, cached per device."""
-    if num_sources > MAX_EXHAUSTIVE_SOURCES:
-        raise ValueError(f"no permutation table beyond {MAX_EXHAUSTIVE_SOURCES} sources, got {num_sources}")
+    if num_sources > PIT_MAX_EXHAUSTIVE_SOURCES:
+        raise ValueError(f"no permutation table beyond {PIT_MAX_EXHAUSTIVE_SOURCES} sources, got {num_sources}")
     key = (num_sources, str(device))
     table = _permutation_tables.get(key)
     if table is None:
         table = _permutation_tables[key] = _permutations_cpu(num_sources).to(device)
     return table
-
-
-def row_loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision and float32 inputs report float32; float64 stays float64 for gradcheck.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +86,7 @@ def pit(est: torch.Tensor, targets: torch.Tensor, metric: str, solver: str, impl
     (float64 for float64 input), ``perm`` (B, M) int64 (``est[b, perm[b]]`` lines up with the targets) and the
     backward's coefficients (B, M, NUM_COEFFS) float64.
     """
-    forward, _ = _backend(impl)
-    return forward(est, targets, METRICS.index(metric), solver == "hungarian", zero_mean, eps, max_snr)
+    return backends.lookup(OP, impl).forward(est, targets, METRICS.index(metric), solver == "hungarian", zero_mean, eps, max_snr)
 
 
 @pit.register_fake
@@ -122,9 +102,9 @@ def pit_backward(grad_rows: torch.Tensor, est: torch.Tensor, targets: torch.Tens
                  coeffs: torch.Tensor, metric: str, impl: str,
                  targets_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``pit``'s row losses; the targets' gradient is empty unless ``targets_grad``."""
-    _, backward = _backend(impl)
-    grad_est, grad_targets = backward(grad_rows.to(torch.float64).contiguous(), est, targets, perm, coeffs,
-                                      METRICS.index(metric), targets_grad)
+    grad_est, grad_targets = backends.lookup(OP, impl).backward(grad_rows.to(torch.float64).contiguous(), est,
+                                                                targets, perm, coeffs, METRICS.index(metric),
+                                                                targets_grad)
     return grad_est, grad_targets if targets_grad else targets.new_empty(0)
 
 
@@ -151,3 +131,25 @@ def _backward(ctx, grad_rows, _grad_perm, _grad_coeffs):
 
 
 pit.register_autograd(_backward, setup_context=_setup_context)
+
+
+def finish(row_loss, perm, est, *, reduction, return_est, return_perm):
+    """Reduce the per-row losses and append the requested extras, in the documented order (loss, est, perm)."""
+    loss = row_loss.mean() if reduction == "mean" else row_loss
+    if not (return_est or return_perm):
+        return loss
+    outputs = [loss]
+    if return_est:
+        outputs.append(torch.gather(est, 1, perm.view(*perm.shape, *(1,) * (est.ndim - 2)).expand_as(est)))
+    if return_perm:
+        outputs.append(perm)
+    return tuple(outputs)
+
+
+def pit_loss(est, targets, impl: str, *, metric, reduction, return_est, return_perm, solver, zero_mean, eps,
+             max_snr):
+    """The fused PIT loss of validated inputs with a resolved kernel backend ``impl``."""
+    dtype = common_dtype(est, targets)
+    row_loss, perm, _ = pit(fused_operand(est, dtype), fused_operand(targets, dtype), metric,
+                            resolve_solver(solver, est.shape[1]), impl, zero_mean, float(eps), float(max_snr))
+    return finish(row_loss, perm, est, reduction=reduction, return_est=return_est, return_perm=return_perm)

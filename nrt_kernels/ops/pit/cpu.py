@@ -1,18 +1,18 @@
-"""The "cpu" backend of the PIT op: the C++ kernels of csrc/cpu/pit_cpu.cpp in the nrt_kernels CPU extension."""
+"""C++ CPU backend of the PIT op (``csrc/cpu/pit_cpu.cpp``); importing it loads (or builds) the extension."""
 from __future__ import annotations
 
-from ... import _native
-from . import register_backend
+from ... import backends
+from ..._native import load_cpu_extension
 
-_module = _native.load_cpu_extension()  # raises NativeExtensionError saying how to get it
-
-
-def cpu_forward(est, targets, metric, hungarian, zero_mean, eps, max_snr):
-    return _module.pit_forward(est, targets, metric, hungarian, zero_mean, eps, max_snr)
+_extension = load_cpu_extension()  # raises NativeExtensionError saying how to get it
 
 
-def cpu_backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad):
-    return _module.pit_backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad)
+def forward(est, targets, metric: int, hungarian: bool, zero_mean: bool, eps: float, max_snr: float):
+    return _extension.pit_forward(est, targets, metric, hungarian, zero_mean, eps, max_snr)
 
 
-register_backend("cpu", cpu_forward, cpu_backward)
+def backward(grad_rows, est, targets, perm, coeffs, metric: int, targets_grad: bool):
+    return _extension.pit_backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad)
+
+
+backends.register("pit", "cpu", backends.Kernel(forward, backward))

@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dispatch import check_triton_runnable
-from ..mixit_l1 import programs_per_wave
-from . import METRICS, NUM_COEFFS, permutation_table, register_backend, row_loss_dtype
+from ... import backends
+from .._operands import row_loss_dtype
+from .._triton_launch import PlanCache, check_runnable, programs_per_wave
+from . import METRICS, NUM_COEFFS, OP, permutation_table
 
 _SISDR, _SDSDR, _SNR, _MSE, _L1, _LOG_MSE = (METRICS.index(name) for name in
                                                ("sisdr", "sdsdr", "snr", "mse", "l1", "log_mse"))
@@ -348,16 +349,14 @@ EXHAUSTIVE_BLOCK = 512
 BACKWARD_BLOCK_D = 1024
 BACKWARD_WARPS = 4
 
-_plans: dict = {}
+_plans = PlanCache()
 
 
 def _plan(est: torch.Tensor, metric: int) -> dict:
-    key = (tuple(est.shape), est.dtype, est.device, metric)
-    plan = _plans.get(key)
-    if plan is not None:
-        return plan
-    if len(_plans) > 256:  # bounded: shapes that change every step (variable lengths) must not grow it forever
-        _plans.clear()
+    return _plans.get((tuple(est.shape), est.dtype, est.device, metric), lambda: _make_plan(est, metric))
+
+
+def _make_plan(est: torch.Tensor, metric: int) -> dict:
     batch, num_sources, length = est.shape
     mp = padded_sources(num_sources)
     block_d = partials_block(num_sources)
@@ -365,27 +364,21 @@ def _plan(est: torch.Tensor, metric: int) -> dict:
     wave = programs_per_wave(_pit_partials_kernel, (est, est, est.new_empty(0, dtype=torch.float64), length),
                              kwargs, est.device)
     num_workers = max(1, min(triton.cdiv(length, block_d), wave // batch))
-    plan = _plans[key] = dict(num_workers=num_workers, partials_kwargs=kwargs, stats=mp * mp + 4 * mp, mp=mp)
-    return plan
+    return dict(num_workers=num_workers, partials_kwargs=kwargs, stats=mp * mp + 4 * mp, mp=mp)
 
 
-_scalars: dict = {}
+_scalars = PlanCache()
 
 
 def _metric_scalars(eps: float, max_snr: float, device) -> torch.Tensor:
     """(eps, tau) as a float64 device tensor: Triton passes Python floats as float32, which would round EPS and tau.
     Cached, so that a CUDA-graph capture after the first call copies nothing from the host."""
-    key = (eps, max_snr, str(device))
-    tensor = _scalars.get(key)
-    if tensor is None:
-        if len(_scalars) > 64:
-            _scalars.clear()
-        tensor = _scalars[key] = torch.tensor([eps, 10.0 ** (-max_snr / 10.0)], dtype=torch.float64, device=device)
-    return tensor
+    return _scalars.get((eps, max_snr, str(device)), lambda: torch.tensor(
+        [eps, 10.0 ** (-max_snr / 10.0)], dtype=torch.float64, device=device))
 
 
 def triton_forward(est, targets, metric, hungarian, zero_mean, eps, max_snr):
-    check_triton_runnable(est)
+    check_runnable(est)
     batch, num_sources, length = est.shape
     plan = _plan(est, metric)
     mp, num_workers, stats_size = plan["mp"], plan["num_workers"], plan["stats"]
@@ -412,7 +405,7 @@ def triton_forward(est, targets, metric, hungarian, zero_mean, eps, max_snr):
 
 
 def triton_backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad):
-    check_triton_runnable(est)
+    check_runnable(est)
     batch, num_sources, length = est.shape
     grad_est = torch.empty_like(est)
     grad_targets = torch.empty_like(targets) if targets_grad else None
@@ -424,4 +417,4 @@ def triton_backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad)
     return grad_est, grad_targets
 
 
-register_backend("triton", triton_forward, triton_backward)
+backends.register(OP, "triton", backends.Kernel(triton_forward, triton_backward))

@@ -1,4 +1,4 @@
-"""Fused MixIT best-assignment L1: Triton kernels, launchers, torch.library op and autograd.
+"""Triton backend of the MixIT L1 op: the kernels and their launchers (see the package docstring for the algorithm).
 
 Forward, per batch row ``b`` (est ``(B, M, D)``, mixtures ``(B, N, D)``, flattened and contiguous):
 
@@ -6,47 +6,30 @@ Forward, per batch row ``b`` (est ``(B, M, D)``, mixtures ``(B, N, D)``, flatten
    tiles of ``D`` (the launch is one wave, sized from the compiled kernel's registers) and
    one block of source subsets.  It loads the ``M`` source tiles and ``N`` mixture tiles
    once, forms the subset sums in registers and accumulates ``|subset_sum - mix_n|``
-   for every (mixture, subset) pair.  A candidate's error is a sum of ``N`` of these
-   pairs, so scoring every subset once per mixture (``N * 2**M`` terms) covers all
-   ``N**M`` candidates without ever forming a remix in memory.
-2. ``_select_best_kernel``: one program per row adds the per-program partials in a fixed
-   order (bitwise identical from run to run), scores every candidate of
-   ``nrt_kernels.assignments`` and keeps the first minimum (NaN beats numbers, like
-   ``torch.min``).
+   for every (mixture, subset) pair.
+2. ``_select_best_kernel`` (:func:`select_best`, shared with the noise-robust op): one program
+   per row adds the per-program partials in a fixed order (bitwise identical from run to run),
+   scores every candidate of ``nrt_kernels.assignments`` and keeps the first minimum (NaN
+   beats numbers, like ``torch.min``).
 
 Backward: ``_mixit_l1_backward_kernel`` reads est, mixtures and each row's chosen
 candidate and writes ``grad_est = grad_row * sign(err of the source's mixture) / (N * D)``
 (and ``-grad_row * sign(err) / (N * D)`` for the mixtures when they require grad).
 
-Every backend (``triton`` here, ``cpu``/``cuda`` from ``csrc``) plugs into the same two
-custom ops through :func:`register_backend`, so autograd, ``torch.compile`` and the
-front-ends never care which one ran.
+Tile settings are arguments (:class:`PartialsConfig`, :class:`BackwardConfig`); the defaults are the measured ones.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..assignments import candidate_masks, num_candidates
-from ..dispatch import check_triton_runnable
-
-_BACKENDS: dict[str, tuple[Callable, Callable]] = {}
-
-
-def register_backend(name: str, forward: Callable, backward: Callable) -> None:
-    """``forward(est, mixtures, partitions) -> (row_loss, best)``;
-    ``backward(grad_rows, est, mixtures, best, partitions, mixtures_grad) -> (grad_est, grad_mixtures or None)``."""
-    _BACKENDS[name] = (forward, backward)
-
-
-def row_loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision inputs are accumulated and reported in float32; float64 stays float64 for gradcheck.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from ... import backends
+from ...assignments import candidate_masks, num_candidates
+from .._operands import row_loss_dtype
+from .._triton_launch import PlanCache, acc_dtype, check_runnable, programs_per_wave, sign
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -171,113 +154,80 @@ def _mixit_l1_backward_kernel(
         sums += tl.where((((masks >> s) & 1) != 0)[:, None], x[None, :], -0.0)
     mix = tl.load(mix_row + mix_rows[:, None] * D + d[None, :], mask=real_mix[:, None] & in_bounds[None, :],
                   other=0.0).to(ACC_DTYPE)
-    err = sums - mix
-    # sign(0) = 0 and sign(NaN) = 0, exactly like autograd's abs backward.
-    sign = tl.where(err > 0, 1.0, tl.where(err < 0, -1.0, 0.0)).to(ACC_DTYPE)
+    err_sign = sign(sums - mix)
     scale = tl.load(grad_rows_ptr + row).to(ACC_DTYPE) / count
 
     grad_est_row = grad_est_ptr + row.to(tl.int64) * NUM_SOURCES * D
     for s in tl.static_range(NUM_SOURCES):
-        source_sign = tl.sum(tl.where((((masks >> s) & 1) != 0)[:, None], sign, 0.0), axis=0)
+        source_sign = tl.sum(tl.where((((masks >> s) & 1) != 0)[:, None], err_sign, 0.0), axis=0)
         tl.store(grad_est_row + s * D + d, (scale * source_sign).to(grad_est_ptr.dtype.element_ty), mask=in_bounds)
     if MIXTURES_GRAD:
         grad_mix_row = grad_mix_ptr + row.to(tl.int64) * NUM_MIXTURES * D
         tl.store(grad_mix_row + mix_rows[:, None] * D + d[None, :],
-                 (-scale * sign).to(grad_mix_ptr.dtype.element_ty), mask=real_mix[:, None] & in_bounds[None, :])
+                 (-scale * err_sign).to(grad_mix_ptr.dtype.element_ty), mask=real_mix[:, None] & in_bounds[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-_TL_ACC = {torch.float64: tl.float64}
+
+@dataclass(frozen=True)
+class PartialsConfig:
+    """Tile shape of the partials kernel: subset sums over the ``low_sources`` lowest sources are enumerated in
+    registers; ``loop_stages`` tiles' loads are in flight at once (above 1 Triton copies later tiles into shared
+    memory with cp.async while one is summed; a 2-byte element per thread is too small for it and loads directly;
+    compiled for sm_90 without spills at 2-4, swept by benchmarks/tune_mixit_gpu.py --tune)."""
+
+    low_sources: int
+    block_d: int
+    num_warps: int = 4
+    loop_stages: int = 1
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return _TL_ACC.get(dtype, tl.float32)
-
-
-# Tiles of the partials loop whose loads are in flight at once: above 1, Triton copies later tiles into shared
-# memory (cp.async) while this one is summed, more bytes in flight per SM (float32 tiles: a 2-byte element per
-# thread is too small for cp.async and loads directly). Compiled for sm_90 without spills at 2-4; not yet timed:
-# benchmarks/tune_mixit_gpu.py --tune sweeps it on a GPU.
-PARTIALS_STAGES = 1
-
-
-def forward_config(num_sources: int, num_mixtures: int):
-    """Tile shape of the partials kernel: (low_sources, block_d, num_warps, loop_stages)."""
+def default_partials_config(num_sources: int, num_mixtures: int) -> PartialsConfig:
     # Subset sums and accumulators live in registers, (1 + mixtures) * 2**low of them per element a
     # thread holds; past ~48 they spill (measured on an H200: 2 elements per thread at M=4 ran 2.5x slower).
     low_sources = min(num_sources, 5)
     values_per_element = (1 + triton.next_power_of_2(num_mixtures)) << low_sources
     elements_per_thread = min(4, 1 << (max(1, 48 // values_per_element).bit_length() - 1))
     num_warps = 4
-    return low_sources, 32 * num_warps * elements_per_thread, num_warps, PARTIALS_STAGES
+    return PartialsConfig(low_sources, 32 * num_warps * elements_per_thread, num_warps)
 
 
-def programs_per_wave(kernel, kernel_args: tuple, kernel_kwargs: dict, device: torch.device) -> int:
-    """How many programs of ``kernel`` (launched with these arguments) the GPU runs at once.
+@dataclass(frozen=True)
+class BackwardConfig:
+    """One program per (row, tile of ``block_d``). Measured on an H200 at B=16, M=4, N=2, D=617400: 512 x 16
+    warps reached 93% of copy bandwidth, 1024 x 4 warps 75%."""
 
-    Threads, registers and shared memory per SM decide; the register and shared-memory counts are the compiled
-    kernel's own. Every op whose programs stride over a row launches exactly this many, so no half-empty tail
-    wave follows the full ones.
-    """
-    if device.type != "cuda":
-        # The interpreter: any count is correct; a small one makes the tests' short rows loop over several tiles.
-        return 8
-    props = torch.cuda.get_device_properties(device)
-    threads = 32 * kernel_kwargs["num_warps"]
-    per_sm = props.max_threads_per_multi_processor // threads
-    try:
-        compiled = kernel.warmup(*kernel_args, grid=(1,), **kernel_kwargs)
-        getattr(compiled, "_init_handles", lambda: None)()  # loads the binary, which fills n_regs
-        registers = -(-max(1, int(compiled.n_regs)) // 8) * 8  # allocated in units of 8 per thread
-        per_sm = min(per_sm, props.regs_per_multiprocessor // (registers * threads))
-        shared = int(getattr(compiled.metadata, "shared", 0))
-        if shared:
-            per_sm = min(per_sm, props.shared_memory_per_multiprocessor // shared)
-    except Exception as error:  # an older Triton or torch: a moderate budget, said once (it costs speed)
-        _warn_once(f"nrt_kernels: could not read {kernel.fn.__name__}'s registers ({error!r}); sizing its launch "
-                   "for 4 programs per SM, which may be slower")
-        per_sm = min(per_sm, 4)
-    return max(1, per_sm) * props.multi_processor_count
+    block_d: int = 512
+    num_warps: int = 16
 
 
-_warned: set = set()
+_forward_plans = PlanCache()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+def forward_plan(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, config: PartialsConfig) -> dict:
+    """Grid and arguments of the partials kernel for this shape, dtype, device and config, worked out once."""
+    key = (tuple(est.shape), mixtures.shape[1], est.dtype, est.device, partitions, config)
+    return _forward_plans.get(key, lambda: _make_forward_plan(est, mixtures, config))
 
 
-_forward_plans: dict = {}
-
-
-def _forward_plan(est: torch.Tensor, mixtures: torch.Tensor, partitions: str) -> dict:
-    """Grid and arguments of both forward kernels for this shape, dtype and device, worked out once."""
-    key = (tuple(est.shape), mixtures.shape[1], est.dtype, est.device, partitions)
-    plan = _forward_plans.get(key)
-    if plan is not None:
-        return plan
+def _make_forward_plan(est: torch.Tensor, mixtures: torch.Tensor, config: PartialsConfig) -> dict:
     batch, num_sources, length = est.shape
     num_mixtures = mixtures.shape[1]
-    low_sources, block_d, num_warps, loop_stages = forward_config(num_sources, num_mixtures)
-    highs = 1 << (num_sources - low_sources)
-    acc_dtype = _acc_dtype(est.dtype)
+    highs = 1 << (num_sources - config.low_sources)
     partials_kwargs = dict(NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures,
-                           MIX_PAD=triton.next_power_of_2(num_mixtures), LOW_SOURCES=low_sources, BLOCK_D=block_d,
-                           ACC_DTYPE=acc_dtype, LOOP_STAGES=loop_stages, num_warps=num_warps)
+                           MIX_PAD=triton.next_power_of_2(num_mixtures), LOW_SOURCES=config.low_sources,
+                           BLOCK_D=config.block_d, ACC_DTYPE=acc_dtype(est.dtype), LOOP_STAGES=config.loop_stages,
+                           num_warps=config.num_warps)
     # One wave of programs, split evenly over rows and subset blocks; never more workers than blocks.
     wave = programs_per_wave(_subset_l1_partials_kernel,
                              (est, mixtures, est.new_empty(0, dtype=row_loss_dtype(est.dtype)), length),
                              partials_kwargs, est.device)
-    num_chunks = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
-    plan = dict(partials_shape=(batch, num_chunks, num_mixtures, 1 << num_sources),
+    num_chunks = max(1, min(triton.cdiv(length, config.block_d), wave // (batch * highs)))
+    return dict(partials_shape=(batch, num_chunks, num_mixtures, 1 << num_sources),
                 partials_grid=(highs, num_chunks, batch), partials_kwargs=partials_kwargs)
-    _forward_plans[key] = plan
-    return plan
 
 
 def select_best(partials: torch.Tensor, row_loss: torch.Tensor, best: torch.Tensor, num_sources: int,
@@ -295,98 +245,39 @@ def select_best(partials: torch.Tensor, row_loss: torch.Tensor, best: torch.Tens
         num_chunks, count, float(num_mixtures * length),
         NUM_MIXTURES=num_mixtures, NUM_MASKS=num_masks, BLOCK_C=block_c,
         BLOCK_T=min(triton.next_power_of_2(num_chunks), max(1, 4096 // block_c)),
-        ACC_DTYPE=_acc_dtype(partials.dtype), num_warps=4,
+        ACC_DTYPE=acc_dtype(partials.dtype), num_warps=4,
     )
 
 
-def triton_forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
-    check_triton_runnable(est)
-    plan = _forward_plan(est, mixtures, partitions)
+def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, config: PartialsConfig | None = None):
+    check_runnable(est)
+    config = config or default_partials_config(est.shape[1], mixtures.shape[1])
+    plan = forward_plan(est, mixtures, partitions, config)
     batch, length = est.shape[0], est.shape[2]
-    acc_dtype = row_loss_dtype(est.dtype)
-    partials = torch.empty(plan["partials_shape"], dtype=acc_dtype, device=est.device)
+    loss_dtype = row_loss_dtype(est.dtype)
+    partials = torch.empty(plan["partials_shape"], dtype=loss_dtype, device=est.device)
     _subset_l1_partials_kernel[plan["partials_grid"]](est, mixtures, partials, length, **plan["partials_kwargs"])
-    row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device)
+    row_loss = torch.empty(batch, dtype=loss_dtype, device=est.device)
     best = torch.empty(batch, dtype=torch.int64, device=est.device)
     select_best(partials, row_loss, best, est.shape[1], partitions, length)
     return row_loss, best
 
 
-# Measured on an H200 at B=16, M=4, N=2, D=617400: 512 x 16 warps reached 93% of copy bandwidth,
-# 1024 x 4 warps 75%.
-BACKWARD_BLOCK_D = 512
-BACKWARD_WARPS = 16
-
-
-def triton_backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool):
-    check_triton_runnable(est)
+def backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool,
+             config: BackwardConfig = BackwardConfig()):
+    check_runnable(est)
     batch, num_sources, length = est.shape
     num_mixtures = mixtures.shape[1]
     grad_est = torch.empty_like(est)
     grad_mix = torch.empty_like(mixtures) if mixtures_grad else None
-    block_d = BACKWARD_BLOCK_D
-    _mixit_l1_backward_kernel[(triton.cdiv(length, block_d), batch)](
+    _mixit_l1_backward_kernel[(triton.cdiv(length, config.block_d), batch)](
         grad_rows, est, mixtures, candidate_masks(num_sources, num_mixtures, partitions, est.device), best,
         grad_est, grad_mix if mixtures_grad else grad_est, length, float(num_mixtures * length),
         NUM_SOURCES=num_sources, NUM_MIXTURES=num_mixtures, MIX_PAD=triton.next_power_of_2(num_mixtures),
-        BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), MIXTURES_GRAD=mixtures_grad, num_warps=BACKWARD_WARPS,
+        BLOCK_D=config.block_d, ACC_DTYPE=acc_dtype(est.dtype), MIXTURES_GRAD=mixtures_grad,
+        num_warps=config.num_warps,
     )
     return grad_est, grad_mix
 
 
-register_backend("triton", triton_forward, triton_backward)
-
-
-# ----------------------------------------------------------------------------------------------
-# torch.library ops and autograd
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("nrt_kernels::mixit_l1", mutates_args=())
-def mixit_l1(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row best-candidate MixIT L1 of contiguous (B, M, D) est against (B, N, D) mixtures.
-
-    Returns ``(row_loss, best)``: ``row_loss`` (B,) float32 (float64 for float64 input) and
-    ``best`` (B,) int64, the index of the chosen candidate in ``nrt_kernels.assignments`` order.
-    """
-    forward, _ = _BACKENDS[impl]
-    return forward(est, mixtures, partitions)
-
-
-@mixit_l1.register_fake
-def _mixit_l1_fake(est, mixtures, partitions, impl):
-    batch = est.shape[0]
-    return est.new_empty(batch, dtype=row_loss_dtype(est.dtype)), est.new_empty(batch, dtype=torch.int64)
-
-
-@torch.library.custom_op("nrt_kernels::mixit_l1_backward", mutates_args=())
-def mixit_l1_backward(grad_rows: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor, best: torch.Tensor,
-                      partitions: str, impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``mixit_l1``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
-    _, backward = _BACKENDS[impl]
-    grad_est, grad_mix = backward(grad_rows.contiguous(), est, mixtures, best, partitions, mixtures_grad)
-    return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
-
-
-@mixit_l1_backward.register_fake
-def _mixit_l1_backward_fake(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad):
-    return torch.empty_like(est), torch.empty_like(mixtures) if mixtures_grad else mixtures.new_empty(0)
-
-
-def _setup_context(ctx, inputs, output):
-    est, mixtures, partitions, impl = inputs
-    _, best = output
-    ctx.save_for_backward(est, mixtures, best)
-    ctx.partitions = partitions
-    ctx.impl = impl
-    ctx.mark_non_differentiable(best)
-
-
-def _backward(ctx, grad_rows, _grad_best):
-    est, mixtures, best = ctx.saved_tensors
-    mixtures_grad = ctx.needs_input_grad[1]
-    grad_est, grad_mix = mixit_l1_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
-    return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None, None, None)
-
-
-mixit_l1.register_autograd(_backward, setup_context=_setup_context)
+backends.register("mixit_l1", "triton", backends.Kernel(forward, backward))

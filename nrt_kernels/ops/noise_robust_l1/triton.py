@@ -1,4 +1,4 @@
-"""Fused noise-robust loss (iSeparate-SDX V1/V2): L1 + mixture consistency + MixIT + mean-teacher L1.
+"""Triton backend of the fused noise-robust loss (iSeparate-SDX V1/V2): L1 + consistency + MixIT + teacher L1.
 
 Inputs, flattened and contiguous: est ``(B, S, D)``, noisy targets ``(B, S, D)``, teacher targets ``(B, S, D)``
 (empty when the teacher term is off), ``pair_masks`` ``(B,)`` int32 (bit ``s`` set: noisy stem ``s`` goes into
@@ -8,11 +8,11 @@ Forward, three launches:
 
 1. ``_noise_robust_partials_kernel``: a program owns one row, an even, strided share of its tiles of ``D``
    (the launch is one wave, sized from the compiled kernel's registers) and one block of source subsets (as
-   ``ops/mixit_l1.py``).  It reads every source tile of est, targets and teacher targets once and
+   the MixIT L1 op).  It reads every source tile of est, targets and teacher targets once and
    accumulates, in registers, the two mixtures of the pairing (formed from the targets), every subset sum of
    est against both mixtures (the MixIT search, ``2 * 2**S`` partials), ``|est - y|``, ``|sum est - sum y|`` and
    ``|est - teacher|``.  It writes the MixIT partials in ``mixit_l1``'s layout and three term partials per program.
-2. ``mixit_l1.select_best`` (shared with the core op): per row, the best candidate and its row loss.
+2. ``mixit_l1.triton.select_best`` (shared with the core op): per row, the best candidate and its row loss.
 3. ``_combine_terms_kernel``: one program sums the term partials in a fixed order (deterministic) and writes
    the four term values and the weighted, normalised loss.
 
@@ -23,39 +23,25 @@ A term whose weight is 0 is a ``constexpr`` flag: its inputs are never read and 
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..assignments import candidate_masks
-from .. import dispatch
-from .mixit_l1 import programs_per_wave, row_loss_dtype, select_best
+from ... import backends
+from ...assignments import candidate_masks
+from .._operands import row_loss_dtype
+from .._triton_launch import PlanCache, acc_dtype, check_runnable, programs_per_wave, sign
+from ..mixit_l1.triton import BackwardConfig, select_best
+from . import NUM_MIXTURES, TERM_NAMES
 
-# Term order of the fused op's ``weights`` and ``terms``: a V1 call leaves "consistency" at 0.
-TERM_NAMES = ("l1", "consistency", "mixit", "teacher")
-NUM_MIXTURES = 2
 MIXTURES = tl.constexpr(NUM_MIXTURES)  # the kernels' copy: globals read inside @triton.jit must be constexprs
-
-_BACKENDS: dict[str, tuple[Callable, Callable]] = {}
-
-
-def register_backend(name: str, forward: Callable, backward: Callable) -> None:
-    """``forward(est, targets, teacher, pair_masks, source_weights, weights, divisor) -> (loss, terms, best)``;
-    ``backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``."""
-    _BACKENDS[name] = (forward, backward)
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sign(x):
-    # sign(0) = 0 and sign(NaN) = 0, exactly like autograd's abs backward.
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(x.dtype)
 
 
 @triton.jit
@@ -244,8 +230,8 @@ def _noise_robust_backward_kernel(
                 target_mixture = 1 - ((pair >> s) & 1)
                 mix += tl.where((mix_rows == target_mixture)[:, None], y[None, :], -0.0)
                 sums += tl.where((((chosen >> s) & 1) != 0)[:, None], x[None, :], -0.0)
-        mixture_sign = _sign(sums - mix)
-        consistency_grad = coef_consistency * _sign(est_total - y_total)
+        mixture_sign = sign(sums - mix)
+        consistency_grad = coef_consistency * sign(est_total - y_total)
 
     grad_row = grad_est_ptr + row_offset
     for s in tl.static_range(NUM_SOURCES):
@@ -255,10 +241,10 @@ def _noise_robust_backward_kernel(
             source_grad = tl.zeros((BLOCK_D,), ACC_DTYPE)
             if USE_L1:
                 y = tl.load(y_ptr + row_offset + s * D + d, mask=in_bounds, other=0.0).to(ACC_DTYPE)
-                source_grad += coef_l1 * _sign(x - y)
+                source_grad += coef_l1 * sign(x - y)
             if USE_TEACHER:
                 t = tl.load(teacher_ptr + row_offset + s * D + d, mask=in_bounds, other=0.0).to(ACC_DTYPE)
-                source_grad += coef_teacher * _sign(x - t)
+                source_grad += coef_teacher * sign(x - t)
             if SOURCE_WEIGHTED:
                 source_grad *= tl.load(source_weights_ptr + s).to(ACC_DTYPE)
             grad += source_grad
@@ -273,183 +259,114 @@ def _noise_robust_backward_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-_TL_ACC = {torch.float64: tl.float64}
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return _TL_ACC.get(dtype, tl.float32)
-
-
 def _flags(weights, teacher: torch.Tensor, source_weights: torch.Tensor) -> dict:
     use = [weight != 0 for weight in weights]
     return dict(USE_L1=use[0], USE_CONSISTENCY=use[1], USE_MIXIT=use[2], USE_TEACHER=use[3] and teacher.numel() > 0,
                 SOURCE_WEIGHTED=source_weights.numel() > 0)
 
 
-# Tile settings of the partials kernel (benchmarks/noise_robust_gpu.py --tune times alternatives).
-# With the MixIT search, the subset sums and accumulators live in registers, 3 * 2**low values per element a
-# thread holds, beside the term accumulators: at 4 sources (48 values) one element per thread avoids spills
-# (the core op measured 2 elements per thread at 4 sources 2.5x slower on an H200).
-PARTIALS_WARPS = 4
-PARTIALS_MIXIT_VALUES_PER_THREAD = 48
-PARTIALS_ELEMENTWISE_PER_THREAD = 8
-# Tiles whose loads are in flight at once (see mixit_l1.PARTIALS_STAGES): compiled for sm_90 without spills at 2-4,
-# not yet timed; benchmarks/noise_robust_gpu.py --tune sweeps it on a GPU.
-PARTIALS_STAGES = 1
+@dataclass(frozen=True)
+class PartialsConfig:
+    """Tile settings of the partials kernel (benchmarks/noise_robust_gpu.py --tune times alternatives).
 
-_partials_plans: dict = {}
+    With the MixIT search, the subset sums and accumulators live in registers, 3 * 2**low values per element a
+    thread holds, beside the term accumulators: at 4 sources (48 values) one element per thread avoids spills
+    (the core op measured 2 elements per thread at 4 sources 2.5x slower on an H200). ``loop_stages``: tiles
+    whose loads are in flight at once (see mixit_l1.triton.PartialsConfig), compiled for sm_90 without spills at
+    2-4, not yet timed."""
+
+    num_warps: int = 4
+    mixit_values_per_thread: int = 48
+    elementwise_per_thread: int = 8
+    loop_stages: int = 1
 
 
-def _partials_plan(inputs: tuple, flags: dict) -> dict:
+_partials_plans = PlanCache()
+
+
+def partials_plan(inputs: tuple, flags: dict, config: PartialsConfig) -> dict:
     """Grid and constexprs of the partials kernel for these inputs' shape, dtypes and device and this term set.
 
     ``inputs``: the kernel's first five arguments (est, targets, teacher, pair_masks, source_weights, with
     stand-ins as launched).
     """
     est = inputs[0]
-    key = (tuple(est.shape), tuple(x.dtype for x in inputs), est.device, tuple(flags.items()))
-    plan = _partials_plans.get(key)
-    if plan is not None:
-        return plan
+    key = (tuple(est.shape), tuple(x.dtype for x in inputs), est.device, tuple(flags.items()), config)
+    return _partials_plans.get(key, lambda: _make_partials_plan(inputs, flags, config))
+
+
+def _make_partials_plan(inputs: tuple, flags: dict, config: PartialsConfig) -> dict:
+    est = inputs[0]
     batch, num_sources, length = est.shape
     if flags["USE_MIXIT"]:
         low_sources = min(num_sources, 5)
-        elements_per_thread = max(1, min(4, PARTIALS_MIXIT_VALUES_PER_THREAD // (3 << low_sources)))
+        elements_per_thread = max(1, min(4, config.mixit_values_per_thread // (3 << low_sources)))
     else:
-        low_sources, elements_per_thread = 0, PARTIALS_ELEMENTWISE_PER_THREAD
+        low_sources, elements_per_thread = 0, config.elementwise_per_thread
     highs = 1 << (num_sources - low_sources) if flags["USE_MIXIT"] else 1
-    block_d = 32 * PARTIALS_WARPS * elements_per_thread
-    kwargs = dict(NUM_SOURCES=num_sources, LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype),
-                  LOOP_STAGES=PARTIALS_STAGES, num_warps=PARTIALS_WARPS, **flags)
+    block_d = 32 * config.num_warps * elements_per_thread
+    kwargs = dict(NUM_SOURCES=num_sources, LOW_SOURCES=low_sources, BLOCK_D=block_d, ACC_DTYPE=acc_dtype(est.dtype),
+                  LOOP_STAGES=config.loop_stages, num_warps=config.num_warps, **flags)
     # One wave of equal programs, as the core op's partials (measured there); never more workers than tiles.
     stand_in = est.new_empty(0, dtype=row_loss_dtype(est.dtype))
     wave = programs_per_wave(_noise_robust_partials_kernel, (*inputs, stand_in, stand_in, length), kwargs, est.device)
     num_workers = max(1, min(triton.cdiv(length, block_d), wave // (batch * highs)))
-    plan = dict(grid=(highs, num_workers, batch), kwargs=kwargs)
-    _partials_plans[key] = plan
-    return plan
+    return dict(grid=(highs, num_workers, batch), kwargs=kwargs)
 
 
-def triton_forward(est, targets, teacher, pair_masks, source_weights, weights, divisor):
-    dispatch.check_triton_runnable(est)
+def forward(est, targets, teacher, pair_masks, source_weights, weights, divisor,
+            config: PartialsConfig = PartialsConfig()):
+    check_runnable(est)
     batch, num_sources, length = est.shape
-    acc_dtype = row_loss_dtype(est.dtype)
+    loss_dtype = row_loss_dtype(est.dtype)
     flags = _flags(weights, teacher, source_weights)
     # Unused pointers still need a tensor: est stands in for them, never read.
     inputs = (est, targets, teacher if flags["USE_TEACHER"] else est, pair_masks,
               source_weights if flags["SOURCE_WEIGHTED"] else est)
-    plan = _partials_plan(inputs, flags)
+    plan = partials_plan(inputs, flags, config)
     num_workers = plan["grid"][1]
-    term_partials = torch.empty(batch, num_workers, 3, dtype=acc_dtype, device=est.device)
+    term_partials = torch.empty(batch, num_workers, 3, dtype=loss_dtype, device=est.device)
     # Without the MixIT term no partials are written: term_partials stands in as the (unused) pointer.
-    mix_partials = (torch.empty(batch, num_workers, NUM_MIXTURES, 1 << num_sources, dtype=acc_dtype,
+    mix_partials = (torch.empty(batch, num_workers, NUM_MIXTURES, 1 << num_sources, dtype=loss_dtype,
                                 device=est.device) if flags["USE_MIXIT"] else term_partials)
     _noise_robust_partials_kernel[plan["grid"]](*inputs, mix_partials, term_partials, length, **plan["kwargs"])
     if flags["USE_MIXIT"]:
-        row_loss = torch.empty(batch, dtype=acc_dtype, device=est.device)
+        row_loss = torch.empty(batch, dtype=loss_dtype, device=est.device)
         best = torch.empty(batch, dtype=torch.int64, device=est.device)
         select_best(mix_partials, row_loss, best, num_sources, "generalized", length)
     else:
         row_loss, best = term_partials, torch.zeros(batch, dtype=torch.int64, device=est.device)
-    terms = torch.empty(len(TERM_NAMES), dtype=acc_dtype, device=est.device)
-    loss = torch.empty((), dtype=acc_dtype, device=est.device)
+    terms = torch.empty(len(TERM_NAMES), dtype=loss_dtype, device=est.device)
+    loss = torch.empty((), dtype=loss_dtype, device=est.device)
     _combine_terms_kernel[(1,)](
         row_loss, term_partials, terms, loss,
         batch, batch * num_workers, length, *[float(w) for w in weights], float(divisor),
         NUM_SOURCES=num_sources, BLOCK=min(1024, triton.next_power_of_2(max(batch * num_workers, batch))),
-        ACC_DTYPE=_acc_dtype(est.dtype), **flags,
+        ACC_DTYPE=acc_dtype(est.dtype), **flags,
     )
     return loss, terms, best
 
 
-# One program per (row, tile): it re-reads every source tile of est, targets and teacher targets once.
-# One element per thread, many warps: the setting the core op's backward measured best on an H200
-# (512 x 16 warps at 93% of copy bandwidth, 1024 x 4 at 75%); benchmarks/noise_robust_gpu.py --tune rechecks it.
-BACKWARD_BLOCK_D = 512
-BACKWARD_WARPS = 16
-
-
-def triton_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor):
-    dispatch.check_triton_runnable(est)
+# One program per (row, tile): it re-reads every source tile of est, targets and teacher targets once. The core
+# op's measured backward config (one element per thread, many warps); benchmarks/noise_robust_gpu.py --tune
+# rechecks it.
+def backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor,
+             config: BackwardConfig = BackwardConfig()):
+    check_runnable(est)
     batch, num_sources, length = est.shape
     flags = _flags(weights, teacher, source_weights)
     grad_est = torch.empty_like(est)
-    block_d = BACKWARD_BLOCK_D
-    _noise_robust_backward_kernel[(triton.cdiv(length, block_d), batch)](
+    _noise_robust_backward_kernel[(triton.cdiv(length, config.block_d), batch)](
         grad_loss, est, targets, teacher if flags["USE_TEACHER"] else est, pair_masks,
         source_weights if flags["SOURCE_WEIGHTED"] else est,
         candidate_masks(num_sources, NUM_MIXTURES, "generalized", est.device), best, grad_est,
         length, batch, *[float(w) for w in weights], float(divisor),
-        NUM_SOURCES=num_sources, BLOCK_D=block_d, ACC_DTYPE=_acc_dtype(est.dtype), num_warps=BACKWARD_WARPS,
+        NUM_SOURCES=num_sources, BLOCK_D=config.block_d, ACC_DTYPE=acc_dtype(est.dtype), num_warps=config.num_warps,
         **flags,
     )
     return grad_est
 
 
-register_backend("triton", triton_forward, triton_backward)
+backends.register("noise_robust_l1", "triton", backends.Kernel(forward, backward))
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.library ops and autograd
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("nrt_kernels::noise_robust_l1", mutates_args=())
-def noise_robust_l1(est: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor, pair_masks: torch.Tensor,
-                    source_weights: torch.Tensor, weights: list[float], divisor: float,
-                    impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted noise-robust loss of contiguous (B, S, D) est against targets (and teacher targets).
-
-    ``weights`` are the (l1, consistency, mixit, teacher) weights, 0 for a term that does not run; ``teacher``
-    is empty when the teacher term is off, ``source_weights`` empty for a plain mean over sources (else (S,),
-    summing to 1).  Returns ``(loss, terms, best)``: the scalar ``sum(weights * terms) / divisor``, the (4,)
-    term values (0 for inactive terms) and the (B,) int64 MixIT candidate of each row (0 without MixIT).
-    Loss and terms are float32 (float64 for float64 inputs).
-    """
-    forward, _ = _BACKENDS[impl]
-    return forward(est, targets, teacher, pair_masks, source_weights, weights, divisor)
-
-
-@noise_robust_l1.register_fake
-def _noise_robust_l1_fake(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl):
-    dtype = row_loss_dtype(est.dtype)
-    return (est.new_empty((), dtype=dtype), est.new_empty(len(TERM_NAMES), dtype=dtype),
-            est.new_empty(est.shape[0], dtype=torch.int64))
-
-
-@torch.library.custom_op("nrt_kernels::noise_robust_l1_backward", mutates_args=())
-def noise_robust_l1_backward(grad_loss: torch.Tensor, est: torch.Tensor, targets: torch.Tensor,
-                             teacher: torch.Tensor, pair_masks: torch.Tensor, source_weights: torch.Tensor,
-                             best: torch.Tensor, weights: list[float], divisor: float, impl: str) -> torch.Tensor:
-    """Gradient of ``noise_robust_l1``'s loss with respect to est."""
-    _, backward = _BACKENDS[impl]
-    return backward(grad_loss.contiguous(), est, targets, teacher, pair_masks, source_weights, best, weights,
-                    divisor)
-
-
-@noise_robust_l1_backward.register_fake
-def _noise_robust_l1_backward_fake(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights,
-                                   divisor, impl):
-    return torch.empty_like(est)
-
-
-def _setup_context(ctx, inputs, output):
-    est, targets, teacher, pair_masks, source_weights, weights, divisor, impl = inputs
-    _, terms, best = output
-    ctx.save_for_backward(est, targets, teacher, pair_masks, source_weights, best)
-    ctx.weights = weights
-    ctx.divisor = divisor
-    ctx.impl = impl
-    ctx.mark_non_differentiable(terms, best)
-
-
-def _backward(ctx, grad_loss, _grad_terms, _grad_best):
-    est, targets, teacher, pair_masks, source_weights, best = ctx.saved_tensors
-    grad_est = None
-    if ctx.needs_input_grad[0]:
-        grad_est = noise_robust_l1_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best,
-                                            ctx.weights, ctx.divisor, ctx.impl)
-    return grad_est, None, None, None, None, None, None, None
-
-
-noise_robust_l1.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,27 @@
+"""Backend-neutral operand preparation shared by every op: dtypes and the (B, rows, D) layout the kernels read."""
+from __future__ import annotations
+
+import torch
+
+
+def row_loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs are accumulated and reported in float32; float64 stays float64 for gradcheck.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def fused_operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as the kernels read it: ``dtype``, (B, rows, D) row-major (a non-contiguous input costs one copy)."""
+    flat = tensor.to(dtype).reshape(tensor.shape[0], tensor.shape[1], -1).contiguous()
+    # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
+    # (torch.compile never sees inference tensors as graph inputs, and cannot trace the test.)
+    if (not torch.compiler.is_compiling() and flat.is_inference() and torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()):
+        flat = flat.clone()
+    return flat

@@ -1,0 +1,100 @@
+"""The fused MixIT L1 op, backend-neutral: torch.library custom ops, fake implementations, autograd, finishing.
+
+A candidate's error is a sum of ``N`` per-(mixture, subset) errors, so every backend scores every subset of
+sources once per mixture (``N * 2**M`` terms per element instead of ``N * N**M``) and keeps each row's first
+best candidate (NaN first, like ``torch.min``); the backward reads est, mixtures and the chosen candidate and
+writes ``grad_est = grad_row * sign(err of the source's mixture) / (N * D)`` in one pass.
+
+The backends (``triton.py``, ``cpu.py``, ``cuda.py``) register ``forward(est, mixtures, partitions) -> (row_loss,
+best)`` and ``backward(grad_rows, est, mixtures, best, partitions, mixtures_grad) -> (grad_est, grad_mixtures or
+None)`` with :mod:`nrt_kernels.backends`; autograd, torch.compile and the front-ends never care which one ran.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import backends
+from ...assignments import candidate_assignments
+from .._operands import common_dtype, fused_operand, row_loss_dtype
+
+OP = "mixit_l1"
+
+
+@torch.library.custom_op("nrt_kernels::mixit_l1", mutates_args=())
+def mixit_l1(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row best-candidate MixIT L1 of contiguous (B, M, D) est against (B, N, D) mixtures.
+
+    Returns ``(row_loss, best)``: ``row_loss`` (B,) float32 (float64 for float64 input) and
+    ``best`` (B,) int64, the index of the chosen candidate in ``nrt_kernels.assignments`` order.
+    """
+    return backends.lookup(OP, impl).forward(est, mixtures, partitions)
+
+
+@mixit_l1.register_fake
+def _mixit_l1_fake(est, mixtures, partitions, impl):
+    batch = est.shape[0]
+    return est.new_empty(batch, dtype=row_loss_dtype(est.dtype)), est.new_empty(batch, dtype=torch.int64)
+
+
+@torch.library.custom_op("nrt_kernels::mixit_l1_backward", mutates_args=())
+def mixit_l1_backward(grad_rows: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor, best: torch.Tensor,
+                      partitions: str, impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``mixit_l1``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
+    grad_est, grad_mix = backends.lookup(OP, impl).backward(grad_rows.contiguous(), est, mixtures, best, partitions,
+                                                            mixtures_grad)
+    return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
+
+
+@mixit_l1_backward.register_fake
+def _mixit_l1_backward_fake(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad):
+    return torch.empty_like(est), torch.empty_like(mixtures) if mixtures_grad else mixtures.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    est, mixtures, partitions, impl = inputs
+    _, best = output
+    ctx.save_for_backward(est, mixtures, best)
+    ctx.partitions = partitions
+    ctx.impl = impl
+    ctx.mark_non_differentiable(best)
+
+
+def _backward(ctx, grad_rows, _grad_best):
+    est, mixtures, best = ctx.saved_tensors
+    mixtures_grad = ctx.needs_input_grad[1]
+    grad_est, grad_mix = mixit_l1_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
+    return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None, None, None)
+
+
+mixit_l1.register_autograd(_backward, setup_context=_setup_context)
+
+
+def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> torch.Tensor:
+    """(B, N, *): each row's sources summed into the mixtures ``assignment`` (B, M) gives them.
+
+    A masked sum per mixture, not a one-hot product: a NaN or Inf source then reaches only its own mixture."""
+    chosen = assignment.view(*assignment.shape, *(1,) * (est.ndim - 2))
+    zero = est.new_zeros(())
+    return torch.stack([torch.where(chosen == n, est, zero).sum(1) for n in range(num_mixtures)], dim=1)
+
+
+def finish(row_loss, best, est, num_mixtures, *, partitions, reduction, return_est, return_assignment):
+    """Reduce the per-row best losses and append the requested extras, in the documented order."""
+    loss = row_loss.mean() if reduction == "mean" else row_loss
+    if not (return_est or return_assignment):
+        return loss
+    assignment = candidate_assignments(est.shape[1], num_mixtures, partitions, est.device)[best]
+    outputs = [loss]
+    if return_est:
+        outputs.append(remix(est, assignment, num_mixtures))
+    if return_assignment:
+        outputs.append(assignment)
+    return tuple(outputs)
+
+
+def mixit_l1_loss(est, mixtures, impl: str, *, partitions, reduction, return_est, return_assignment):
+    """The fused MixIT L1 of validated inputs with a resolved kernel backend ``impl``."""
+    dtype = common_dtype(est, mixtures)
+    row_loss, best = mixit_l1(fused_operand(est, dtype), fused_operand(mixtures, dtype), partitions, impl)
+    return finish(row_loss, best, est, mixtures.shape[1], partitions=partitions, reduction=reduction,
+                  return_est=return_est, return_assignment=return_assignment)
