@@ -318,6 +318,11 @@ def _pit_backward_kernel(
     else:
         grad_e = (g * tl.load(coeffs)) * e + (g * tl.load(coeffs + 1)) * t + g * tl.load(coeffs + 2)
         grad_t = (g * tl.load(coeffs + 3)) * e + (g * tl.load(coeffs + 4)) * t + g * tl.load(coeffs + 5)
+    if grad_est_ptr.dtype.element_ty != tl.float64:
+        # Half outputs round through float32, as the C++ kernels' c10::Half / BFloat16 conversions do (the
+        # interpreter cannot convert float64 to bfloat16 directly).
+        grad_e = grad_e.to(tl.float32)
+        grad_t = grad_t.to(tl.float32)
     tl.store(grad_est_ptr + e_offset + d, grad_e.to(grad_est_ptr.dtype.element_ty), mask=in_bounds)
     if TARGETS_GRAD:
         tl.store(grad_tgt_ptr + t_offset + d, grad_t.to(grad_tgt_ptr.dtype.element_ty), mask=in_bounds)
