@@ -63,7 +63,9 @@ bool is_sdr(int64_t metric) { return metric == kSiSdr || metric == kSdSdr || met
 int64_t stats_size(int64_t metric, int64_t m) { return metric == kL1 ? m * m : m * m + 4 * m; }
 
 // Elements per pass over a tile: the float64 copies of the M est and M target chunks stay in L1 (32 KiB).
-int64_t forward_chunk(int64_t m) { return std::max<int64_t>(kLanes, std::min<int64_t>(256, 1024 / m) / kLanes * kLanes); }
+int64_t forward_chunk(int64_t m) {
+  return std::max<int64_t>(kLanes, std::min<int64_t>(256, 1024 / m) / kLanes * kLanes);
+}
 
 double lane_sum(const double* acc) {
   double total = 0.0;

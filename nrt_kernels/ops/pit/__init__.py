@@ -11,8 +11,9 @@ Per batch row, est and targets flattened to ``(M, T)``:
    nearly equal numbers: from a float32 Gram, SI-SDR was off by 0.016 dB at 40 dB and 1.04 dB at 60 dB (T=32000;
    the float32 PyTorch loop, which subtracts before it squares, by 6e-6 dB; benchmarks/RESULTS.md).  In float64
    the cancellation costs about 6 of 16 digits at 60 dB, so the criterion of issue 12 (error <= 2x the float32
-   loop's + 0.01 dB, -30..+60 dB) holds; tests/test_pit.py checks it.  Zero-mean statistics follow from the raw ones in float64
-   (``<e',t'> = <e,t> - sum(e) sum(t) / T``); sums of squares formed this way are clamped at 0 before EPS.
+   loop's + 0.01 dB, -30..+60 dB) holds; tests/test_pit.py checks it.  Zero-mean statistics follow from the raw
+   ones in float64 (``<e',t'> = <e,t> - sum(e) sum(t) / T``); sums of squares formed this way are clamped at 0
+   before EPS.
 2. **The (B, M, M) loss matrix** ``P[b, i, j] = metric(est_i, target_j)`` from the statistics, in float64.
 3. **The solver, on the device, without a host sync.**  ``"exhaustive"``: every permutation in
    ``itertools.permutations`` order (M <= 8), the first minimum of ``sum_j P[perm[j], j]``.  ``"hungarian"``:
@@ -87,7 +88,8 @@ def pit(est: torch.Tensor, targets: torch.Tensor, metric: str, solver: str, impl
     (float64 for float64 input), ``perm`` (B, M) int64 (``est[b, perm[b]]`` lines up with the targets) and the
     backward's coefficients (B, M, NUM_COEFFS) float64.
     """
-    return backends.lookup(OP, impl).forward(est, targets, METRICS.index(metric), solver == "hungarian", zero_mean, eps, max_snr)
+    return backends.lookup(OP, impl).forward(est, targets, METRICS.index(metric), solver == "hungarian", zero_mean,
+                                             eps, max_snr)
 
 
 @pit.register_fake
