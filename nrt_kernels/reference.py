@@ -467,9 +467,7 @@ def pit_loss(est, targets, *, metric="sisdr", reduction="mean", return_est=False
     check_pit_inputs(est, targets, metric=metric, solver=solver, reduction=reduction, zero_mean=zero_mean, eps=eps,
                      max_snr=max_snr)
     pw = pairwise_losses(est, targets, metric=metric, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
-    if solver == "exhaustive" or (solver == "auto" and est.shape[1] <= 3):
-        row_loss, perm = find_best_perm_factorial(pw)
-    else:
-        row_loss, perm = find_best_perm_hungarian(pw)
+    search = {"auto": find_best_perm, "exhaustive": find_best_perm_factorial, "hungarian": find_best_perm_hungarian}
+    row_loss, perm = search[solver](pw)
     return finish_pit(row_loss, perm.to(est.device), est, reduction=reduction, return_est=return_est,
                       return_perm=return_perm)
