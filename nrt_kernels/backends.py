@@ -110,6 +110,22 @@ def check_triton_device(device_type: str) -> None:
             "the first Triton call (before importing triton) to run them on the CPU")
 
 
+def check_autograd_transforms(op: str, *tensors: torch.Tensor) -> None:
+    """The fused ops' autograd formulas (torch.library.register_autograd) do not run under torch.func transforms in
+    torch 2.13 (pytorch/pytorch#170834), and they have no forward-mode formula (dual inputs would silently lose
+    their tangents): say so, and which impl does, instead of torch's setup_context error or a wrong result."""
+    unsupported = None
+    if torch._C._are_functorch_transforms_active():
+        unsupported = "torch.func transforms (grad, vmap, jacrev, jvp, ...)"
+    elif not torch.compiler.is_compiling() and any(
+            torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors):
+        unsupported = "forward-mode AD (dual tensors)"
+    if unsupported:
+        raise NotImplementedError(
+            f"nrt_kernels' fused {op} op does not support {unsupported}; impl=\"reference\" (plain PyTorch, slower) "
+            "does. Double backward (create_graph=True) works on every impl")
+
+
 def _unavailable_reason(op: str, impl: str) -> str | None:
     try:
         lookup(op, impl)

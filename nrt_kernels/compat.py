@@ -48,7 +48,8 @@ class MixITLossWrapper(nn.Module):
     """asteroid's ``MixITLossWrapper(loss_func, generalized=True, reduction="mean")``, fused for a per-example L1.
 
     ``forward(est_targets, targets, return_est=False)`` returns what asteroid returns: the mean loss (or the
-    (B, 1) row losses for ``reduction="none"``) and, with ``return_est``, the remixed estimates (B, N, *).
+    (B, 1) row losses for ``reduction="none"``) and, with ``return_est``, the remixed estimates (B, N, *) in the
+    targets' dtype.
     A ``loss_func`` that is not a per-example L1 (``"l1"``, :class:`SingleSrcL1` or a class of that name that
     computes one) runs the reference loop over every partition, with a one-time warning.
     """
@@ -63,6 +64,9 @@ class MixITLossWrapper(nn.Module):
         self._warned = False
 
     def forward(self, est_targets, targets, return_est=False, **kwargs):
+        if kwargs and isinstance(self.loss_func, str):
+            raise TypeError(f"MixITLossWrapper({self.loss_func!r}) passes no keyword arguments to its loss, got "
+                            f"{', '.join(kwargs)} (asteroid passes them to loss_func: give a loss_func that takes them)")
         partitions = "generalized" if self.generalized else "equal"
         if self.fused and not kwargs:
             outputs = mixit_loss(est_targets, targets, partitions=partitions, reduction="none", return_est=return_est,
@@ -81,7 +85,14 @@ class MixITLossWrapper(nn.Module):
             est_mixtures = reference.finish_mixit(row_loss, best, est_targets, targets.shape[1], partitions=partitions,
                                                   reduction="none", return_est=True, return_assignment=False)[1]
         loss = row_loss.mean() if self.reduction == "mean" else row_loss[:, None]
-        return (loss, est_mixtures) if return_est else loss
+        if not return_est:
+            return loss
+        # asteroid's reorder_source writes the remixes into zeros_like(targets): they take the targets' dtype.
+        return loss, est_mixtures.to(targets.dtype)
+
+
+# iSeparate's random pairing forms mixture 0 from perm[:2] and mixture 1 from perm[2:], whatever the stem count.
+ISEPARATE_FIRST_MIXTURE_SIZE = 2
 
 
 # asteroid's loss classes that PIT fuses, per pit_from mode: the class name and the metric it computes.
@@ -191,7 +202,8 @@ class MixITnL1nMeanTeacher(nn.Module):
 
     ``forward(outputs={'y_hat': est}, targets={'y': noisy stems}, ema_model=None, weights=None,
     mean_teacher_enable=False)`` as iSeparate's: the pairing is one ``torch.randperm(S)`` drawn (only when the
-    MixIT weight is non-zero) before the teacher runs; the teacher term runs when its weight is non-zero, an
+    MixIT weight is non-zero) before the teacher runs, its first 2 stems forming mixture 0 and the rest mixture 1
+    for any S (odd S included); the teacher term runs when its weight is non-zero, an
     ``ema_model`` with ``.separate(x, patch_length=None)`` is given and ``mean_teacher_enable`` is true; the loss
     is divided by the sum of all three weights either way.
     """
@@ -220,7 +232,8 @@ class MixITnL1nMeanTeacher(nn.Module):
                 and mean_teacher_enable:
             teacher = self._teacher_targets(est, y, ema_model)
         return noise_robust_loss(est, y, version=self.version, weights=weights, teacher_targets=teacher,
-                                 pairing=pairing, normalize="iseparate", impl=self.impl)
+                                 pairing=pairing, normalize="iseparate", impl=self.impl,
+                                 _first_mixture_size=ISEPARATE_FIRST_MIXTURE_SIZE)
 
 
 class MixITnL1nMeanTeacherV2(MixITnL1nMeanTeacher):

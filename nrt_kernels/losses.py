@@ -44,6 +44,7 @@ def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reductio
     if backend == "reference":
         return _reference().mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
                                        return_est=return_est, return_assignment=return_assignment)
+    backends.check_autograd_transforms("mixit_l1", est, mixtures)
     return mixit_l1_loss(est, mixtures, backend, partitions=partitions, reduction=reduction, return_est=return_est,
                          return_assignment=return_assignment)
 
@@ -65,7 +66,8 @@ class MixITLoss(nn.Module):
 
 
 def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=None, pairing=None,
-                      normalize="iseparate", source_weights=None, return_terms=False, impl="auto"):
+                      normalize="iseparate", source_weights=None, return_terms=False, impl="auto",
+                      _first_mixture_size=None):
     """iSeparate-SDX's noise-robust training loss (V1: Wavelet-HTDemucs, V2: DWT-Transformer-UNet).
 
     Terms, each a mean over the batch: ``l1`` = |est - targets| (iSeparate's l1_loss: mean over trailing dims,
@@ -74,7 +76,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     ``teacher`` = l1(est, teacher_targets).
 
     Args:
-        est: (B, S, *) estimated sources, S even.
+        est: (B, S, *) estimated sources (S even when the MixIT term runs).
         targets: (B, S, *) noisy target stems.
         version: "v1" (weights for l1, mixit, teacher) or "v2" (l1, consistency, mixit, teacher).
         weights: one non-negative number per term; a term with weight 0 is not computed (its inputs not read).
@@ -85,46 +87,60 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
             stems form mixture 0, the rest mixture 1.
         normalize: "iseparate" (V1 divides by the sum of all three weights even when the teacher term is skipped;
             V2 by the weights of the computed terms) or "active" (the weights of the computed terms).
-        source_weights: optional (S,) weights of the sources in the l1 and teacher terms.
+        source_weights: optional (S,) weights of the sources in the l1 and teacher terms (finite, >= 0, not all
+            0; values checked for lists and CPU tensors).
         return_terms: also return ``{term name: detached value}`` of the computed terms.
         impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the C++ MixIT op with
-            the other terms in PyTorch) or "reference".  Targets or teacher targets that require grad take the
-            composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates them too.
+            the other terms in PyTorch) or "reference".  Targets, teacher targets or source weights that require
+            grad take the composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates
+            them too.
 
     Under DistributedDataParallel each process's loss is the mean over its own shard; with equal shards DDP's
     gradient averaging gives exactly the gradient of the full-batch loss (tests/test_ddp.py).  The default
     pairing is drawn per process (the same one only where every rank seeds its generator alike).
 
+    ``_first_mixture_size`` (internal) is the number of stems of a pairing that form mixture 0 instead of S/2:
+    iSeparate's code takes the first 2 for any S, which the compat modules reproduce.
+
     Returns:
         ``loss`` (float32, float64 for float64 inputs on the fused path), or ``(loss, terms)``.
     """
     check_noise_robust_inputs(est, targets, teacher_targets, version=version, weights=weights, normalize=normalize,
-                              source_weights=source_weights)
+                              source_weights=source_weights, first_mixture_size=_first_mixture_size)
     batch, num_sources = est.shape[:2]
-    check_pairing_option(pairing, batch, num_sources)
+    check_pairing_option(pairing, batch, num_sources, est.device)
     backend = backends.resolve(noise_robust_op.OP, impl, est.device.type)
     if backend == "reference":
         return _reference().noise_robust_loss(est, targets, version=version, weights=weights,
                                               teacher_targets=teacher_targets, pairing=pairing, normalize=normalize,
-                                              source_weights=source_weights, return_terms=return_terms)
+                                              source_weights=source_weights, return_terms=return_terms,
+                                              _first_mixture_size=_first_mixture_size)
+    backends.check_autograd_transforms(noise_robust_op.OP, est, targets,
+                                       *([teacher_targets] if teacher_targets is not None else []))
     active = noise_robust_op.active_terms(NOISE_ROBUST_TERMS[version], weights, teacher_targets is not None)
     divisor = noise_robust_op.loss_divisor(version, weights, active, normalize)
+    # Each weight over the divisor, in float64 here: the kernels take float32 scalars, in which weights such as 1e-46
+    # or 1e39 would underflow or overflow (a NaN loss); the ratios lie in (0, 1].
+    scales = {name: weight / divisor for name, weight in active.items()}
     # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
     rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
     implementation = backends.lookup(noise_robust_op.OP, backend)
-    target_grad = targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
-    if isinstance(implementation, Composition) or (target_grad and torch.is_grad_enabled()):
-        loss, terms = composed_loss(est, targets, teacher_targets, active, rows, divisor, source_weights, backend)
+    # The fused kernels differentiate est only; autograd differentiates the composition in everything else.
+    other_grad = (targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
+                  or (isinstance(source_weights, torch.Tensor) and source_weights.requires_grad))
+    if isinstance(implementation, Composition) or (other_grad and torch.is_grad_enabled()):
+        loss, terms = composed_loss(est, targets, teacher_targets, scales, rows, source_weights, backend,
+                                    _first_mixture_size)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
 
     dtype = common_dtype(est, targets, *([teacher_targets] if "teacher" in active else []))
     flat_est = fused_operand(est, dtype)
     flat_teacher = fused_operand(teacher_targets, dtype) if "teacher" in active else flat_est.new_empty(0)
+    masks = noise_robust_op.pair_masks(rows, batch, num_sources, est.device, _first_mixture_size)
     loss, term_values, _ = noise_robust_op.noise_robust_l1(
-        flat_est, fused_operand(targets, dtype), flat_teacher, noise_robust_op.pair_masks(rows, batch, num_sources,
-                                                                                         est.device),
+        flat_est, fused_operand(targets, dtype), flat_teacher, masks,
         noise_robust_op.normalized_source_weights(source_weights, dtype, est.device),
-        [active.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], divisor, backend)
+        [scales.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], 1.0, backend)
     if return_terms:
         return loss, {name: term_values[noise_robust_op.TERM_NAMES.index(name)] for name in active}
     return loss

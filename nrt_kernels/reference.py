@@ -107,17 +107,18 @@ def pairing_rows(pairing, batch: int, num_sources: int, device) -> torch.Tensor:
             raise ValueError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
         rows = torch.stack([torch.randperm(num_sources) for _ in range(batch)])
     else:
-        check_pairing(pairing, batch, num_sources)
+        check_pairing(pairing, batch, num_sources, device)
         rows = pairing
     return rows.to(device=device, dtype=torch.int64).expand(batch, num_sources)
 
 
-def noisy_mixtures(targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(B, 2, *): row ``b`` sums the noisy stems ``rows[b, :S/2]`` into mixture 0 and the rest into mixture 1."""
-    half = targets.shape[1] // 2
+def noisy_mixtures(targets: torch.Tensor, rows: torch.Tensor, first_mixture_size=None) -> torch.Tensor:
+    """(B, 2, *): row ``b`` sums the noisy stems ``rows[b, :k]`` into mixture 0 and the rest into mixture 1, with
+    ``k = first_mixture_size``, by default S/2 (iSeparate's code takes 2)."""
+    first = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
     index = torch.arange(targets.shape[0], device=targets.device)[:, None]
     rows = rows.to(targets.device)
-    return torch.stack([targets[index, rows[:, :half]].sum(1), targets[index, rows[:, half:]].sum(1)], dim=1)
+    return torch.stack([targets[index, rows[:, :first]].sum(1), targets[index, rows[:, first:]].sum(1)], dim=1)
 
 
 def source_l1(est: torch.Tensor, targets: torch.Tensor, source_weights=None) -> torch.Tensor:
@@ -128,9 +129,10 @@ def source_l1(est: torch.Tensor, targets: torch.Tensor, source_weights=None) -> 
     loss = loss.mean(dim=tuple(range(2, est.ndim))).mean(0)
     if source_weights is None:
         weights = loss.new_ones(est.shape[1])
-    else:
-        weights = torch.as_tensor(source_weights, dtype=dtype, device=est.device)
-    return (loss * weights).sum() / weights.sum()
+        return (loss * weights).sum() / weights.sum()
+    # Normalised in float64: weights such as 1e-46 or 1e39 would underflow or overflow in float32.
+    weights = torch.as_tensor(source_weights, dtype=torch.float64, device=est.device)
+    return (loss * (weights / weights.sum()).to(dtype)).sum()
 
 
 def mixture_consistency_l1(est: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,7 @@ def mixture_consistency_l1(est: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def noise_robust_terms(est, targets, teacher_targets, active: dict, rows, *, source_weights=None,
-                       mixit=mixit_loss) -> dict:
+                       mixit=mixit_loss, first_mixture_size=None) -> dict:
     """``{name: value}`` of the active terms; ``mixit(est, mixtures)`` scores the MixIT term (any backend)."""
     terms = {}
     if "l1" in active:
@@ -147,28 +149,31 @@ def noise_robust_terms(est, targets, teacher_targets, active: dict, rows, *, sou
     if "consistency" in active:
         terms["consistency"] = mixture_consistency_l1(est, targets)
     if "mixit" in active:
-        terms["mixit"] = mixit(est, noisy_mixtures(targets, rows))
+        terms["mixit"] = mixit(est, noisy_mixtures(targets, rows, first_mixture_size))
     if "teacher" in active:
         terms["teacher"] = source_l1(est, teacher_targets, source_weights)
     return terms
 
 
 def combine_terms(terms: dict, active: dict, divisor: float) -> torch.Tensor:
+    """``sum(weight * term) / divisor``, each weight divided by the divisor first, in float64: multiplying float32
+    terms by weights such as 1e-46 or 1e39 would underflow or overflow (a NaN loss)."""
     loss = 0
     for name, value in terms.items():
-        loss = loss + active[name] * value
-    return loss / divisor
+        loss = loss + (active[name] / divisor) * value
+    return loss
 
 
 def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=None, pairing=None,
-                      normalize="iseparate", source_weights=None, return_terms=False):
+                      normalize="iseparate", source_weights=None, return_terms=False, _first_mixture_size=None):
     """Reference V1/V2 noise-robust loss; same arguments and results as :func:`nrt_kernels.noise_robust_loss`."""
     check_noise_robust_inputs(est, targets, teacher_targets, version=version, weights=weights, normalize=normalize,
-                              source_weights=source_weights)
+                              source_weights=source_weights, first_mixture_size=_first_mixture_size)
     active = active_terms(version, weights, teacher_targets is not None)
     # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
     rows = pairing_rows(pairing, est.shape[0], est.shape[1], est.device) if "mixit" in active else None
-    terms = noise_robust_terms(est, targets, teacher_targets, active, rows, source_weights=source_weights)
+    terms = noise_robust_terms(est, targets, teacher_targets, active, rows, source_weights=source_weights,
+                               first_mixture_size=_first_mixture_size)
     loss = combine_terms(terms, active, loss_divisor(version, weights, active, normalize))
     if return_terms:
         return loss, {name: value.detach() for name, value in terms.items()}

@@ -1,6 +1,7 @@
 """Input checks shared by every backend: one copy, so every path fails the same way."""
 from __future__ import annotations
 
+import collections.abc
 import numbers
 
 import torch
@@ -17,12 +18,16 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+# float8 types are floating point too, but no kernel reads them (and torch cannot promote or sum them).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_float_tensor(name: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32, float64), "
-                        f"got {tensor.dtype}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
+        raise TypeError(f"{name} must have a floating-point dtype ({names}), got {tensor.dtype}")
 
 
 def check_mixit_inputs(est: torch.Tensor, mixtures: torch.Tensor, *, metric="l1", partitions="generalized",
@@ -66,8 +71,10 @@ NORMALIZATIONS = ("iseparate", "active")
 
 
 def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1", weights=None,
-                              normalize="iseparate", source_weights=None) -> None:
-    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid."""
+                              normalize="iseparate", source_weights=None, first_mixture_size=None) -> None:
+    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid.
+
+    ``first_mixture_size``: how many stems of a pairing form MixIT mixture 0; None for half of them."""
     check_choice("version", version, tuple(NOISE_ROBUST_TERMS))
     check_choice("normalize", normalize, NORMALIZATIONS)
     tensors = [("est", est), ("targets", targets)]
@@ -85,9 +92,6 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
     if est.numel() == 0:
         raise ValueError(f"empty input: est has shape {tuple(est.shape)}")
     num_sources = est.shape[1]
-    if num_sources % 2:
-        raise ValueError(f"the MixIT term splits the {num_sources} noisy stems into two mixtures of equal size, so the "
-                         f"number of sources must be even, got {num_sources}")
     if num_sources > MAX_SOURCES:
         raise ValueError(f"at most {MAX_SOURCES} sources are supported, got {num_sources}")
     names = NOISE_ROBUST_TERMS[version]
@@ -98,23 +102,57 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
             raise TypeError(f"weights must be Python numbers, got {type(weight).__name__} for the {name} term")
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"weights must be finite and >= 0, got {weight!r} for the {name} term")
+    if weights[names.index("mixit")] != 0 and first_mixture_size is None and num_sources % 2:
+        raise ValueError(f"the MixIT term splits the {num_sources} noisy stems into two mixtures of equal size, so the "
+                         f"number of sources must be even (or the MixIT weight 0), got {num_sources}")
     if source_weights is not None:
-        count = source_weights.numel() if isinstance(source_weights, torch.Tensor) else len(source_weights)
-        if count != num_sources:
-            raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
+        check_source_weights(source_weights, num_sources)
 
 
-def check_pairing_option(pairing, batch: int, num_sources: int) -> None:
-    """``pairing`` of the noise-robust loss: None, "per_example" or an explicit permutation tensor."""
+def check_source_weights(source_weights, num_sources: int) -> None:
+    """One finite, non-negative weight per source, not all 0: a sequence of numbers or a real tensor."""
+    if isinstance(source_weights, torch.Tensor):
+        if source_weights.dtype.is_complex or source_weights.dtype == torch.bool:
+            raise TypeError(f"source_weights must be real numbers, got a {source_weights.dtype} tensor")
+        count = source_weights.numel()
+    else:
+        if not isinstance(source_weights, collections.abc.Sequence) and not hasattr(source_weights, "__array__"):
+            raise TypeError(f"source_weights must be a sequence of numbers or a tensor, got "
+                            f"{type(source_weights).__name__}")
+        count = len(source_weights)
+        for index, weight in enumerate(source_weights):
+            if isinstance(weight, torch.Tensor) or not isinstance(weight, numbers.Real):
+                raise TypeError(f"source_weights must be numbers (or a tensor), got {type(weight).__name__} for "
+                                f"source {index}")
+    if count != num_sources:
+        raise ValueError(f"source_weights needs one weight per source ({num_sources}), got {count}")
+    # Values are checked on the host: lists and CPU tensors (a GPU tensor would cost a sync), not while
+    # torch.compile traces (a data-dependent branch).
+    if isinstance(source_weights, torch.Tensor):
+        if source_weights.device.type != "cpu" or torch.compiler.is_compiling():
+            return
+        source_weights = source_weights.detach().reshape(-1).tolist()
+    for index, weight in enumerate(source_weights):
+        if not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"source_weights must be finite and >= 0, got {weight!r} for source {index}")
+    if not any(source_weights):
+        raise ValueError(f"source_weights must not all be 0 (the l1 and teacher terms are means weighted by them), "
+                         f"got {list(source_weights)}")
+
+
+def check_pairing_option(pairing, batch: int, num_sources: int, device: torch.device) -> None:
+    """``pairing`` of the noise-robust loss (of est on ``device``): None, "per_example" or an explicit permutation
+    tensor."""
     if isinstance(pairing, str):
         if pairing != "per_example":
             raise ValueError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
     elif pairing is not None:
-        check_pairing(pairing, batch, num_sources)
+        check_pairing(pairing, batch, num_sources, device)
 
 
-def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
-    """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row."""
+def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int, device: torch.device) -> None:
+    """An explicit pairing: a permutation of the sources, (S,) for the whole batch or (B, S) one per row, on the
+    CPU (where ``torch.randperm`` draws it) or on ``device``, the device of est."""
     if not isinstance(pairing, torch.Tensor):
         raise TypeError(f'pairing must be None, "per_example" or an integer tensor, got {pairing!r}')
     if pairing.dtype.is_floating_point or pairing.dtype.is_complex or pairing.dtype == torch.bool:
@@ -122,6 +160,8 @@ def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int) -> None:
     if pairing.shape not in ((num_sources,), (batch, num_sources)):
         raise ValueError(f"pairing must have shape ({num_sources},) or ({batch}, {num_sources}), got "
                          f"{tuple(pairing.shape)}")
+    if pairing.device.type != "cpu" and pairing.device != torch.device(device):
+        raise ValueError(f"pairing must be on the CPU or on the device of est ({device}), got {pairing.device}")
     # Checking the values needs them on the host: done for CPU pairings only (never a GPU sync) and not while
     # torch.compile traces (a data-dependent branch).
     if pairing.device.type == "cpu" and not torch.compiler.is_compiling():

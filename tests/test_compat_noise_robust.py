@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from tolerances import LOSS_TOLERANCE
 
+from nrt_kernels import NoiseRobustLoss, backends
 from nrt_kernels.compat import MixITnL1nMeanTeacher, MixITnL1nMeanTeacherV2
+from nrt_kernels.validate import NOISE_ROBUST_TERMS
 
 
 def iseparate_l1(output, target):
@@ -74,20 +76,20 @@ def iseparate_v2(outputs, targets, ema_model=None, weights=None, mean_teacher_en
 
 
 class FakeTeacher:
-    """iSeparate's EMA model interface: ``separate(x (N, C, T), patch_length=None) -> (N, 4, C, T)``."""
+    """iSeparate's EMA model interface: ``separate(x (N, C, T), patch_length=None) -> (N, S, C, T)``."""
 
-    def __init__(self):
-        self.gains = torch.tensor([0.5, -1.0, 0.25, 2.0])
+    def __init__(self, sources=4):
+        self.gains = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.75, 1.5])[:sources]
 
     def separate(self, x, patch_length=None):
         assert patch_length is None
-        return self.gains.view(1, 4, 1, 1) * x[:, None] + 0.125 * x.flip(-1)[:, None]
+        return self.gains.view(1, -1, 1, 1) * x[:, None] + 0.125 * x.flip(-1)[:, None]
 
 
-def inputs(seed):
+def inputs(seed, sources=4):
     gen = torch.Generator().manual_seed(seed)
-    est = torch.randn(2, 4, 2, 50, generator=gen)
-    y = torch.randn(2, 4, 2, 50, generator=gen)
+    est = torch.randn(2, sources, 2, 50, generator=gen)
+    y = torch.randn(2, sources, 2, 50, generator=gen)
     return est, y
 
 
@@ -144,3 +146,34 @@ def test_pairing_is_drawn_before_the_teacher_runs():
     expected, _ = run(iseparate_v1, est, y, seed=8, **kwargs)
     rtol, atol = LOSS_TOLERANCE[torch.float32]
     torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cpu", "reference"])
+@pytest.mark.parametrize("sources", [2, 3, 5, 6])
+@pytest.mark.parametrize("version,weights", [("v1", [1, 2, 1]), ("v1", [1, 0, 1]), ("v2", [0.5, 0.5, 2, 0.5]),
+                                             ("v2", [1, 1, 0, 1])])
+def test_any_number_of_stems_splits_like_iseparate(version, weights, sources, impl):
+    # iSeparate forms mixture 0 from perm[:2] and mixture 1 from perm[2:] for any S, and computes the loss for
+    # odd S; the native NoiseRobustLoss splits S/2 + S/2 and needs an even S only for its MixIT term.
+    try:
+        backends.resolve("noise_robust_l1", impl, "cpu")
+    except backends.BackendUnavailable as error:
+        pytest.skip(str(error))
+    module = MixITnL1nMeanTeacher(impl=impl) if version == "v1" else MixITnL1nMeanTeacherV2(impl=impl)
+    transcription = iseparate_v1 if version == "v1" else iseparate_v2
+    est, y = inputs(seed=sources, sources=sources)
+    kwargs = dict(ema_model=FakeTeacher(sources), weights=weights, mean_teacher_enable=True)
+    loss, grad = run(module, est, y, seed=5, **kwargs)
+    expected_loss, expected_grad = run(transcription, est, y, seed=5, **kwargs)
+    rtol, atol = LOSS_TOLERANCE[torch.float32]
+    torch.testing.assert_close(loss, expected_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(grad, expected_grad, rtol=rtol, atol=atol)
+
+    native = NoiseRobustLoss(version, impl=impl)
+    mixit_weight = weights[NOISE_ROBUST_TERMS[version].index("mixit")]
+    if sources % 2 and mixit_weight:
+        with pytest.raises(ValueError, match="must be even"):
+            native(est, y, weights=weights)
+    elif not mixit_weight:
+        torch.testing.assert_close(native(est, y, weights=weights), run(transcription, est, y, seed=5,
+                                                                        weights=weights)[0], rtol=rtol, atol=atol)

@@ -69,6 +69,34 @@ def _backward(ctx, grad_rows, _grad_best):
 mixit_l1.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    grad_rows, est, mixtures, best, partitions, impl, mixtures_grad = inputs
+    ctx.save_for_backward(est, mixtures, best)
+    ctx.partitions = partitions
+    ctx.impl = impl
+    ctx.mixtures_grad = mixtures_grad
+    ctx.rows_dtype = grad_rows.dtype
+
+
+def _double_backward(ctx, grad_grad_est, grad_grad_mix):
+    # The gradient is linear in grad_rows and piecewise constant in est and mixtures (signs of the errors), so its
+    # derivatives are: for grad_rows, the gradient of a unit grad_rows; for est and mixtures, zero (almost
+    # everywhere, as autograd's own abs backward gives).
+    est, mixtures, best = ctx.saved_tensors
+    grad_grad_rows = None
+    if ctx.needs_input_grad[0]:
+        unit_est, unit_mix = mixit_l1_backward(est.new_ones(est.shape[0], dtype=ctx.rows_dtype), est, mixtures, best,
+                                               ctx.partitions, ctx.impl, ctx.mixtures_grad)
+        pairs = [(grad_grad_est, unit_est)] + ([(grad_grad_mix, unit_mix)] if ctx.mixtures_grad else [])
+        grad_grad_rows = sum((outer.to(ctx.rows_dtype) * unit.to(ctx.rows_dtype)).flatten(1).sum(1)
+                             for outer, unit in pairs)
+    return (grad_grad_rows, torch.zeros_like(est) if ctx.needs_input_grad[1] else None,
+            torch.zeros_like(mixtures) if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+
+mixit_l1_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
+
+
 def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> torch.Tensor:
     """(B, N, *): each row's sources summed into the mixtures ``assignment`` (B, M) gives them.
 
@@ -78,12 +106,25 @@ def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> tor
     return torch.stack([torch.where(chosen == n, est, zero).sum(1) for n in range(num_mixtures)], dim=1)
 
 
+# The table lookup is an op of its own: under dynamic shapes the source and mixture counts are symbolic, and the
+# (constant) tables can only be built from concrete ints, which the op's body receives.
+@torch.library.custom_op("nrt_kernels::best_assignment", mutates_args=())
+def best_assignment(best: torch.Tensor, num_sources: int, num_mixtures: int, partitions: str) -> torch.Tensor:
+    """(B, M) int64: the mixture that each row's chosen candidate ``best`` (B,) gives every source."""
+    return candidate_assignments(num_sources, num_mixtures, partitions, best.device)[best]
+
+
+@best_assignment.register_fake
+def _best_assignment_fake(best, num_sources, num_mixtures, partitions):
+    return best.new_empty(best.shape[0], num_sources)
+
+
 def finish(row_loss, best, est, num_mixtures, *, partitions, reduction, return_est, return_assignment):
     """Reduce the per-row best losses and append the requested extras, in the documented order."""
     loss = row_loss.mean() if reduction == "mean" else row_loss
     if not (return_est or return_assignment):
         return loss
-    assignment = candidate_assignments(est.shape[1], num_mixtures, partitions, est.device)[best]
+    assignment = best_assignment(best, est.shape[1], num_mixtures, partitions)
     outputs = [loss]
     if return_est:
         outputs.append(remix(est, assignment, num_mixtures))

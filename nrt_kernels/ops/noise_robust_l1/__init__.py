@@ -82,6 +82,30 @@ def _backward(ctx, grad_loss, _grad_terms, _grad_best):
 noise_robust_l1.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _backward_setup_context(ctx, inputs, output):
+    grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor, impl = inputs
+    ctx.save_for_backward(est, targets, teacher, pair_masks, source_weights, best)
+    ctx.weights = weights
+    ctx.divisor = divisor
+    ctx.impl = impl
+    ctx.loss_dtype = grad_loss.dtype
+
+
+def _double_backward(ctx, grad_grad_est):
+    # The gradient is linear in grad_loss and piecewise constant in est (signs of the errors): its derivatives are
+    # the gradient of a unit grad_loss, and zero for est (almost everywhere, as autograd's own abs backward gives).
+    est, targets, teacher, pair_masks, source_weights, best = ctx.saved_tensors
+    grad_grad_loss = None
+    if ctx.needs_input_grad[0]:
+        unit = noise_robust_l1_backward(est.new_ones((), dtype=ctx.loss_dtype), est, targets, teacher, pair_masks,
+                                        source_weights, best, ctx.weights, ctx.divisor, ctx.impl)
+        grad_grad_loss = (grad_grad_est.to(ctx.loss_dtype) * unit.to(ctx.loss_dtype)).sum()
+    return (grad_grad_loss, torch.zeros_like(est) if ctx.needs_input_grad[1] else None, *(None,) * 8)
+
+
+noise_robust_l1_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
+
+
 def active_terms(terms: tuple, weights, has_teacher: bool) -> dict:
     """``{term name: weight}`` of the terms a call computes: a non-zero weight, and for the teacher term teacher
     targets (iSeparate skips it on iterations where the mean teacher is off)."""
@@ -111,12 +135,14 @@ def draw_pairing(pairing, batch: int, num_sources: int) -> torch.Tensor:
     return rows.expand(batch, num_sources)
 
 
-def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device) -> torch.Tensor:
-    """(B,) int32: bit ``s`` set when noisy stem ``s`` is in the first half of its row's pairing (mixture 0)."""
+def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device,
+               first_mixture_size: int | None = None) -> torch.Tensor:
+    """(B,) int32: bit ``s`` set when noisy stem ``s`` is among the first ``first_mixture_size`` (default: half)
+    of its row's pairing (mixture 0)."""
     if rows is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
-    first_half = rows[:, : num_sources // 2]
-    masks = torch.bitwise_left_shift(torch.ones_like(first_half), first_half).sum(1).to(torch.int32)
+    first = rows[:, : num_sources // 2 if first_mixture_size is None else first_mixture_size]
+    masks = torch.bitwise_left_shift(torch.ones_like(first), first).sum(1).to(torch.int32)
     # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
     return masks.to(device, non_blocking=True)
 
@@ -125,5 +151,6 @@ def normalized_source_weights(source_weights, dtype: torch.dtype, device) -> tor
     """(S,) weights summing to 1 in the accumulation dtype, or an empty tensor for a plain mean over sources."""
     if source_weights is None:
         return torch.empty(0, dtype=row_loss_dtype(dtype), device=device)
-    weights = torch.as_tensor(source_weights, dtype=row_loss_dtype(dtype), device=device).reshape(-1)
-    return (weights / weights.sum()).contiguous()
+    # Normalised in float64: weights such as 1e-46 or 1e39 would underflow or overflow in float32.
+    weights = torch.as_tensor(source_weights, dtype=torch.float64, device=device).reshape(-1)
+    return (weights / weights.sum()).to(row_loss_dtype(dtype)).contiguous()

@@ -11,11 +11,13 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..mixit_l1 import mixit_l1_loss
+from . import normalized_source_weights
 
 
 class Composition(NamedTuple):
-    """What a backend without a fused kernel registers: ``loss(est, targets, teacher_targets, active, rows,
-    divisor, source_weights, mixit_impl) -> (loss, {term: value})``."""
+    """What a backend without a fused kernel registers: ``loss(est, targets, teacher_targets, scales, rows,
+    source_weights, mixit_impl, first_mixture_size=None) -> (loss, {term: value})``, the loss being
+    ``sum(scales[term] * value)``."""
 
     loss: Callable
 
@@ -26,32 +28,32 @@ def _source_l1(est, targets, source_weights):
     per_source = (est.to(dtype) - targets.to(dtype)).abs().transpose(0, 1).reshape(est.shape[1], -1).mean(1)
     if source_weights is None:
         return per_source.mean()
-    weights = torch.as_tensor(source_weights, dtype=dtype, device=est.device).reshape(-1)
-    return (per_source * weights).sum() / weights.sum()
+    return (per_source * normalized_source_weights(source_weights, dtype, est.device)).sum()
 
 
-def _noisy_mixtures(targets, rows):
-    # Mixture 0 sums the stems in the first half of each row's pairing, mixture 1 the rest.
-    half = targets.shape[1] // 2
+def _noisy_mixtures(targets, rows, first_mixture_size):
+    # Mixture 0 sums the first stems of each row's pairing (half of them by default), mixture 1 the rest.
+    first = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
     rows = rows.to(targets.device)
     index = rows.view(*rows.shape, *(1,) * (targets.ndim - 2)).expand(-1, -1, *targets.shape[2:])
     paired = targets.gather(1, index)
-    return torch.stack([paired[:, :half].sum(1), paired[:, half:].sum(1)], dim=1)
+    return torch.stack([paired[:, :first].sum(1), paired[:, first:].sum(1)], dim=1)
 
 
-def composed_loss(est, targets, teacher_targets, active: dict, rows, divisor: float, source_weights,
-                  mixit_impl: str):
+def composed_loss(est, targets, teacher_targets, scales: dict, rows, source_weights, mixit_impl: str,
+                  first_mixture_size=None):
     terms = {}
-    if "l1" in active:
+    if "l1" in scales:
         terms["l1"] = _source_l1(est, targets, source_weights)
-    if "consistency" in active:
+    if "consistency" in scales:
         dtype = torch.promote_types(torch.promote_types(est.dtype, targets.dtype), torch.float32)
         terms["consistency"] = (est.sum(1).to(dtype) - targets.sum(1).to(dtype)).abs().mean()
-    if "mixit" in active:
-        terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows), mixit_impl, partitions="generalized", reduction="mean",
-                                       return_est=False, return_assignment=False)
-    if "teacher" in active:
+    if "mixit" in scales:
+        terms["mixit"] = mixit_l1_loss(est, _noisy_mixtures(targets, rows, first_mixture_size), mixit_impl,
+                                       partitions="generalized", reduction="mean", return_est=False,
+                                       return_assignment=False)
+    if "teacher" in scales:
         terms["teacher"] = _source_l1(est, teacher_targets, source_weights)
-    loss = sum(active[name] * value for name, value in terms.items()) / divisor
+    loss = sum(scales[name] * value for name, value in terms.items())
     return loss, terms
 
