@@ -201,6 +201,7 @@ def pit_loss(est, targets, *, metric="sisdr", reduction="mean", return_est=False
                    solver=solver, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
     if backend == "reference":
         return _reference().pit_loss(est, targets, **options)
+    backends.check_autograd_transforms(pit_op.OP, est, targets)
     return pit_op.pit_loss(est, targets, backend, **options)
 
 

@@ -274,6 +274,28 @@ def test_gradcheck_float64(impl, metric):
     assert torch.autograd.gradcheck(loss, (est, targets), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=impl == "triton")
 
 
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("metric", ["sisdr", "sdsdr", "l1", "log_mse"])
+def test_gradgradcheck_float64(impl, metric):
+    est, targets = make_inputs(2, 3, 10, seed=17, impl=impl)
+    est.requires_grad_(True)
+    targets.requires_grad_(True)
+
+    def loss(est, targets):
+        return nrt_kernels.pit_loss(est, targets, metric=metric, reduction="none", impl=impl)
+
+    assert torch.autograd.gradgradcheck(loss, (est, targets), atol=1e-5, rtol=1e-4, fast_mode=impl == "triton")
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_functorch_transforms_say_which_impl_works(impl):
+    est, targets = make_inputs(2, 3, 10, seed=18, impl=impl)
+    with pytest.raises(NotImplementedError, match='impl="reference"'):
+        torch.func.grad(lambda e: nrt_kernels.pit_loss(e, targets, impl=impl))(est)
+    reference_grad = torch.func.grad(lambda e: nrt_kernels.pit_loss(e, targets, impl="reference"))(est)
+    assert reference_grad.shape == est.shape
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("solver", ["exhaustive", "hungarian"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

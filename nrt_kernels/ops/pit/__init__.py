@@ -24,6 +24,9 @@ Per batch row, est and targets flattened to ``(M, T)``:
    ``grad t_j = c3 e_i + c4 t_j + c5`` (the constants undo the means), so the backward is one elementwise pass
    through the permutation; for L1 ``c0 = 1 / (M T)`` scales ``sign(e_i - t_j)``.
 
+Double backward (``create_graph=True``) differentiates :func:`matched_pair_losses`, the same formulas in float64
+PyTorch on the M matched pairs (O(B M T) memory, never the (B, M, M, T) pairs); a plain training step never runs it.
+
 The backends (``triton.py``, ``cpu.py``) register ``forward(est, targets, metric, hungarian, zero_mean, eps,
 max_snr) -> (row_loss, perm, coeffs)`` and ``backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad)
 -> (grad_est, grad_targets or None)`` (``metric`` an index into :data:`METRICS`) with :mod:`nrt_kernels.backends`.
@@ -102,9 +105,10 @@ def _pit_fake(est, targets, metric, solver, impl, zero_mean, eps, max_snr):
 
 @torch.library.custom_op("nrt_kernels::pit_backward", mutates_args=())
 def pit_backward(grad_rows: torch.Tensor, est: torch.Tensor, targets: torch.Tensor, perm: torch.Tensor,
-                 coeffs: torch.Tensor, metric: str, impl: str,
-                 targets_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``pit``'s row losses; the targets' gradient is empty unless ``targets_grad``."""
+                 coeffs: torch.Tensor, metric: str, impl: str, targets_grad: bool, zero_mean: bool, eps: float,
+                 max_snr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``pit``'s row losses; the targets' gradient is empty unless ``targets_grad``. ``zero_mean``,
+    ``eps`` and ``max_snr`` (already in ``coeffs``) are there for the double backward."""
     grad_est, grad_targets = backends.lookup(OP, impl).backward(grad_rows.to(torch.float64).contiguous(), est,
                                                                 targets, perm, coeffs, METRICS.index(metric),
                                                                 targets_grad)
@@ -112,28 +116,84 @@ def pit_backward(grad_rows: torch.Tensor, est: torch.Tensor, targets: torch.Tens
 
 
 @pit_backward.register_fake
-def _pit_backward_fake(grad_rows, est, targets, perm, coeffs, metric, impl, targets_grad):
+def _pit_backward_fake(grad_rows, est, targets, perm, coeffs, metric, impl, targets_grad, zero_mean, eps, max_snr):
     return torch.empty_like(est), torch.empty_like(targets) if targets_grad else targets.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
-    est, targets, metric, _solver, impl, *_ = inputs
+    est, targets, metric, _solver, impl, zero_mean, eps, max_snr = inputs
     _, perm, coeffs = output
     ctx.save_for_backward(est, targets, perm, coeffs)
-    ctx.metric = metric
-    ctx.impl = impl
+    ctx.options = (metric, impl, zero_mean, eps, max_snr)
     ctx.mark_non_differentiable(perm, coeffs)
 
 
 def _backward(ctx, grad_rows, _grad_perm, _grad_coeffs):
     est, targets, perm, coeffs = ctx.saved_tensors
+    metric, impl, zero_mean, eps, max_snr = ctx.options
     targets_grad = ctx.needs_input_grad[1]
-    grad_est, grad_targets = pit_backward(grad_rows, est, targets, perm, coeffs, ctx.metric, ctx.impl, targets_grad)
+    grad_est, grad_targets = pit_backward(grad_rows, est, targets, perm, coeffs, metric, impl, targets_grad,
+                                          zero_mean, eps, max_snr)
     return (grad_est if ctx.needs_input_grad[0] else None, grad_targets if targets_grad else None,
             None, None, None, None, None, None)
 
 
 pit.register_autograd(_backward, setup_context=_setup_context)
+
+
+def matched_pair_losses(est, targets, perm, metric: str, zero_mean: bool, eps: float, max_snr: float):
+    """(B, M) float64 loss of each target and its matched estimate: the kernels' formulas (statistics, then the
+    metric, sums of squares clamped at 0) in differentiable PyTorch."""
+    est = torch.gather(est.double(), 1, perm[..., None].expand(est.shape))
+    targets = targets.double()
+    if metric == "l1":
+        return (est - targets).abs().mean(-1)
+    if zero_mean and metric in ("sisdr", "sdsdr", "snr"):
+        est = est - est.mean(-1, keepdim=True)
+        targets = targets - targets.mean(-1, keepdim=True)
+    x, y, z = (est * est).sum(-1), (targets * targets).sum(-1), (est * targets).sum(-1)
+    if metric == "mse":
+        return (x - 2 * z + y).clamp_min(0) / est.shape[-1]
+    if metric == "log_mse":
+        return 10 * torch.log10((x - 2 * z + y).clamp_min(0) + 10 ** (-max_snr / 10) * y + 1e-8)
+    scale = z / (y + eps)
+    num = y if metric == "snr" else scale * scale * y
+    den = x - 2 * scale * z + scale * scale * y if metric == "sisdr" else x - 2 * z + y
+    return -10 * torch.log10(num / (den.clamp_min(0) + eps) + eps)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_rows, est, targets, perm, _coeffs, metric, _impl, targets_grad, zero_mean, eps, max_snr = inputs
+    ctx.save_for_backward(grad_rows, est, targets, perm)
+    ctx.options = (metric, zero_mean, eps, max_snr)
+    ctx.targets_grad = targets_grad
+
+
+def _double_backward(ctx, grad_grad_est, grad_grad_targets):
+    grad_rows, est, targets, perm = ctx.saved_tensors
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    leaves = [grad_rows.detach().double(), est.detach(), targets.detach()]
+    with torch.enable_grad():
+        for i in wanted:
+            leaves[i].requires_grad_(True)
+        est_leaf, targets_leaf = leaves[1].requires_grad_(True), leaves[2].requires_grad_(True)
+        rows = matched_pair_losses(est_leaf, targets_leaf, perm, *ctx.options).mean(1)
+        grad_est, grad_targets = torch.autograd.grad((rows * leaves[0]).sum(), (est_leaf, targets_leaf),
+                                                     create_graph=True)
+        outer = grad_est.new_zeros(())
+        if grad_grad_est is not None:
+            outer = outer + (grad_est * grad_grad_est.double()).sum()
+        if ctx.targets_grad and grad_grad_targets is not None and grad_grad_targets.numel():
+            outer = outer + (grad_targets * grad_grad_targets.double()).sum()
+        found = torch.autograd.grad(outer, [leaves[i] for i in wanted], allow_unused=True) if wanted else ()
+    results = [None, None, None]
+    for i, value in zip(wanted, found):
+        like = (grad_rows, est, targets)[i]
+        results[i] = torch.zeros_like(like) if value is None else value.to(like.dtype)
+    return (*results, None, None, None, None, None, None, None, None)
+
+
+pit_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
 
 
 def finish(row_loss, perm, est, *, reduction, return_est, return_perm):
