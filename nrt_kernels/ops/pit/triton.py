@@ -27,7 +27,8 @@ from .._operands import row_loss_dtype
 from .._triton_launch import PlanCache, check_runnable, programs_per_wave
 from . import METRICS, NUM_COEFFS, OP, permutation_table
 
-_SISDR, _SDSDR, _SNR, _MSE, _L1, _LOG_MSE = (METRICS.index(name) for name in
+# The metric indices (build_config.PIT_METRICS order) as constexpr globals the kernels can compare against.
+_SISDR, _SDSDR, _SNR, _MSE, _L1, _LOG_MSE = (tl.constexpr(METRICS.index(name)) for name in
                                                ("sisdr", "sdsdr", "snr", "mse", "l1", "log_mse"))
 
 
@@ -83,11 +84,11 @@ def _pair_loss(x, y, z, eps, tau, T, METRIC: tl.constexpr):
     """Loss of (est, target) pairs from their energies x, y and cross z, and its derivatives (dx, dy, dz).
 
     The same formulas as csrc/cpu/pit_cpu.cpp's pair_loss; sums of squares are clamped at 0 before EPS."""
-    if METRIC == 3 or METRIC == 5:  # mse, log_mse
+    if METRIC == _MSE or METRIC == _LOG_MSE:
         err = x - 2.0 * z + y
         keep = tl.where(err < 0.0, 0.0, 1.0).to(tl.float64)
         err = err * keep
-        if METRIC == 3:
+        if METRIC == _MSE:
             loss = err / T
             scale = keep / T
             dx, dy, dz = scale, scale, -2.0 * scale
@@ -99,7 +100,7 @@ def _pair_loss(x, y, z, eps, tau, T, METRIC: tl.constexpr):
     else:
         energy = y + eps
         a = z / energy
-        if METRIC == 2:  # snr
+        if METRIC == _SNR:
             num = y
             nx, ny, nz = 0.0 * x, 1.0 + 0.0 * x, 0.0 * x
             den = x - 2.0 * z + y
@@ -107,7 +108,7 @@ def _pair_loss(x, y, z, eps, tau, T, METRIC: tl.constexpr):
         else:
             num = a * a * y
             nx, ny, nz = 0.0 * x, a * a - 2.0 * a * a * y / energy, 2.0 * a * y / energy
-            if METRIC == 0:  # sisdr
+            if METRIC == _SISDR:
                 den = x - 2.0 * a * z + a * a * y
                 gx, gy, gz = 1.0 + 0.0 * x, 3.0 * a * a - 2.0 * a * a * y / energy, -4.0 * a + 2.0 * a * y / energy
             else:  # sdsdr
@@ -142,7 +143,7 @@ def _pit_matrix_kernel(
         cross += tl.load(row_partials + worker * STATS + pair)
     row_stats = stats_ptr + row.to(tl.int64) * STATS
     tl.store(row_stats + pair, cross)
-    if METRIC == 4:  # l1
+    if METRIC == _L1:
         loss = cross / T
     else:
         vectors = tl.arange(0, 4 * MP)
@@ -256,7 +257,7 @@ def _pit_solve_kernel(
     tl.store(perm_ptr + row * M + lanes, perm.to(tl.int64), mask=target_lane)
 
     coeffs = coeffs_ptr + (row * M + lanes).to(tl.int64) * NUM_COEFFS
-    if METRIC == 4:  # l1: sign(e - t) / (M T)
+    if METRIC == _L1:  # sign(e - t) / (M T)
         tl.store(coeffs, (tl.zeros((CP,), tl.float64) + 1.0) / (M * T), mask=target_lane)
         for k in tl.static_range(1, NUM_COEFFS):
             tl.store(coeffs + k, tl.zeros((CP,), tl.float64), mask=target_lane)
@@ -365,7 +366,7 @@ def _make_plan(est: torch.Tensor, metric: int) -> dict:
     batch, num_sources, length = est.shape
     mp = padded_sources(num_sources)
     block_d = partials_block(num_sources)
-    kwargs = dict(M=num_sources, MP=mp, BLOCK_D=block_d, IS_L1=metric == _L1, num_warps=PARTIALS_WARPS)
+    kwargs = dict(M=num_sources, MP=mp, BLOCK_D=block_d, IS_L1=metric == _L1.value, num_warps=PARTIALS_WARPS)
     wave = programs_per_wave(_pit_partials_kernel, (est, est, est.new_empty(0, dtype=torch.float64), length),
                              kwargs, est.device)
     num_workers = max(1, min(triton.cdiv(length, block_d), wave // batch))
@@ -392,7 +393,7 @@ def triton_forward(est, targets, metric, hungarian, zero_mean, eps, max_snr):
     _pit_partials_kernel[(num_workers, batch)](est, targets, partials, length, **plan["partials_kwargs"])
     stats = torch.empty(batch, stats_size, dtype=torch.float64, device=device)
     loss_matrix = torch.empty(batch, mp, mp, dtype=torch.float64, device=device)
-    centered = zero_mean and metric in (_SISDR, _SDSDR, _SNR)
+    centered = zero_mean and metric in (_SISDR.value, _SDSDR.value, _SNR.value)
     scalars = _metric_scalars(eps, max_snr, device)
     _pit_matrix_kernel[(batch,)](partials, stats, loss_matrix, scalars, num_workers, length, M=num_sources, MP=mp,
                                  METRIC=metric, CENTERED=centered, num_warps=MATRIX_WARPS[mp])
@@ -416,7 +417,7 @@ def triton_backward(grad_rows, est, targets, perm, coeffs, metric, targets_grad)
     grad_targets = torch.empty_like(targets) if targets_grad else None
     _pit_backward_kernel[(triton.cdiv(length, BACKWARD_BLOCK_D), num_sources, batch)](
         grad_rows, est, targets, perm, coeffs, grad_est, grad_targets if targets_grad else grad_est, length,
-        M=num_sources, BLOCK_D=BACKWARD_BLOCK_D, IS_L1=metric == _L1, TARGETS_GRAD=targets_grad,
+        M=num_sources, BLOCK_D=BACKWARD_BLOCK_D, IS_L1=metric == _L1.value, TARGETS_GRAD=targets_grad,
         NUM_COEFFS=NUM_COEFFS, num_warps=BACKWARD_WARPS,
     )
     return grad_est, grad_targets
