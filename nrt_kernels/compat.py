@@ -95,6 +95,8 @@ class MixITLossWrapper(nn.Module):
 ISEPARATE_FIRST_MIXTURE_SIZE = 2
 
 
+# asteroid's find_best_perm scores every permutation up to this many sources, scipy's Hungarian above.
+ASTEROID_FACTORIAL_MAX = 3
 # asteroid's loss classes that PIT fuses, per pit_from mode: the class name and the metric it computes.
 _PIT_FUSABLE = {
     "pw_mtx": {"PairwiseNegSDR": "sdr", "PairwiseMSE": "mse"},
@@ -172,8 +174,10 @@ class PITLossWrapper(nn.Module):
 
     def forward(self, est_targets, targets, return_est=False, reduce_kwargs=None, **kwargs):
         num_sources = targets.shape[1]
+        if isinstance(self.loss_func, str) and kwargs:
+            raise TypeError(f"the {self.loss_func!r} loss takes no extra keyword arguments, got {sorted(kwargs)}")
         if self.options is not None and self.perm_reduce is None and not kwargs:
-            exhaustive_max = PIT_MAX_EXHAUSTIVE_SOURCES if self.pit_from == "perm_avg" else 3
+            exhaustive_max = PIT_MAX_EXHAUSTIVE_SOURCES if self.pit_from == "perm_avg" else ASTEROID_FACTORIAL_MAX
             solver = "exhaustive" if num_sources <= exhaustive_max else "hungarian"
             return pit_loss(est_targets, targets, return_est=return_est, solver=solver, impl=self.impl,
                             **self.options)
@@ -188,7 +192,10 @@ class PITLossWrapper(nn.Module):
                              "losses (nrt_kernels.pit_loss metrics) have no such limit")
         from . import reference  # asteroid's algorithm with the user's loss
 
-        return reference.pit_wrapper_loss(self.loss_func, self.pit_from, est_targets, targets,
+        loss_func, pit_from = self.loss_func, self.pit_from
+        if isinstance(loss_func, str):  # a metric name with a perm_reduce: its pairwise matrix
+            loss_func, pit_from = functools.partial(reference.pairwise_losses, **self.options), "pw_mtx"
+        return reference.pit_wrapper_loss(loss_func, pit_from, est_targets, targets,
                                           perm_reduce=self.perm_reduce, return_est=return_est,
                                           reduce_kwargs=reduce_kwargs, **kwargs)
 

@@ -503,3 +503,19 @@ def test_compat_does_not_fuse_an_impostor_of_the_same_name():
     assert PITLossWrapper(PairwiseNegSDR()).options is None
     with pytest.raises(ValueError, match="pit_from"):
         PITLossWrapper(PairwiseNegSDR(), pit_from="pairwise")
+
+
+def test_compat_metric_names():
+    est, targets = make_inputs(2, 3, 64, seed=19)
+    loss = PITLossWrapper("sdsdr")(est, targets)
+    torch.testing.assert_close(loss, nrt_kernels.pit_loss(est, targets, metric="sdsdr"))
+    with pytest.raises(TypeError, match="no extra keyword arguments"):
+        PITLossWrapper("sisdr")(est, targets, weights=1)
+
+    def reduce(perm_losses):
+        return perm_losses.max(-1).values
+
+    with pytest.warns(UserWarning, match="perm_reduce"):
+        worst = PITLossWrapper("mse", pit_from="pw_pt", perm_reduce=reduce)(est, targets)
+    want = reference.pit_wrapper_loss(reference.PairwiseMSE(), "pw_mtx", est, targets, perm_reduce=reduce)
+    torch.testing.assert_close(worst, want)
