@@ -3,6 +3,7 @@ reference, scipy's linear_sum_assignment and a float64 truth; ties, NaN rows, ba
 and the asteroid drop-in."""
 import itertools
 import math
+import os
 import warnings
 
 import pytest
@@ -27,7 +28,10 @@ def _available(impl):
     return True
 
 
-IMPLS = [impl for impl in ("reference", "cpu", "triton") if _available(impl)]
+OP = "pit"
+# NRT_TEST_IMPLS (conftest.py) selects backends here too; PIT has no "cuda" backend.
+_SELECTED = os.environ.get("NRT_TEST_IMPLS", "reference,cpu,triton").split(",")
+IMPLS = [impl for impl in ("reference", "cpu", "triton") if impl in _SELECTED and _available(impl)]
 FUSED = [impl for impl in IMPLS if impl != "reference"]
 
 
