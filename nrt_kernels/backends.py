@@ -31,6 +31,8 @@ BACKEND_MODULES = {
     # one GPU implementation of it to keep exact (README, "Backends").
     ("noise_robust_l1", "cuda"): "nrt_kernels.ops.noise_robust_l1.triton",
     ("noise_robust_l1", "cpu"): "nrt_kernels.ops.noise_robust_l1.cpu",
+    ("pit", "triton"): "nrt_kernels.ops.pit.triton",
+    ("pit", "cpu"): "nrt_kernels.ops.pit.cpu",
 }
 
 

@@ -5,8 +5,8 @@
 // chunk by chunk.  Per source it adds |est - y| and |est - teacher| into that source's lane accumulators, sums the
 // targets into the two mixtures of the row's pairing (and est and targets into their totals for the consistency
 // term), then scores every subset of est against both mixtures (the MixIT search).  A tile reports
-// 2 * 2**S MixIT partials, S l1 and S teacher partials (unweighted: source weights are applied once, at the end,
-// so no rounded product feeds an add) and one consistency partial.  Stage 2 (per row) adds the tiles in
+// 2 * 2**S MixIT partials, S l1 and S teacher partials (unweighted: source weights multiply the per-source totals
+// once, at the end) and one consistency partial.  Stage 2 (per row) adds the tiles in
 // increasing order and keeps the first minimum over candidates, NaN first; stage 3 (one thread) adds the rows in
 // increasing order and combines the terms.  Every sum has a fixed order: results are bitwise identical for any
 // number of threads.
@@ -283,7 +283,6 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
 // candidate, y into its pairing mixture, both into the totals, in increasing source order as in the forward).
 // Without shared terms the gradient is final and goes straight to `grad`; otherwise to `own` (if the source has
 // terms of its own), for pass 2.
-// Every product has a factor sign in {-1, 0, 1}: exact, so a fused multiply-add rounds alike.
 template <int kTerms, typename scalar_t, typename acc_t>
 NRT_ISA_CLONES void source_backward(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y,
                                     const scalar_t* __restrict__ teacher, int64_t size, acc_t l1_coef,

@@ -34,9 +34,9 @@ constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 
 // Runtime ISA dispatch (function multiversioning through an ifunc resolver): the hot functions are compiled
 // for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has, so the module needs no -march
-// and still runs on any x86-64.  Every clone performs the same IEEE additions in the same order, and no
-// rounded product feeds an add (the AVX-512 clone may fuse multiply-adds), hence results are bitwise identical
-// across CPUs.  The helpers below are always inlined into a clone, so they are compiled for its ISA.
+// and still runs on any x86-64.  Every clone performs the same IEEE operations in the same order (the build's
+// -ffp-contract=off fuses no multiply-add), hence results are bitwise identical across CPUs.  The helpers below
+// are always inlined into a clone, so they are compiled for its ISA.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
