@@ -3,6 +3,7 @@
 // nrt_kernels/ops/<op>/cpu.py registers these functions as that op's "cpu" backend.
 #include <torch/csrc/utils/pybind.h>
 
+#include "cpu/mixit_gram_cpu.h"
 #include "cpu/mixit_l1_cpu.h"
 #include "cpu/noise_robust_l1_cpu.h"
 #include "cpu/pit_cpu.h"
@@ -10,7 +11,7 @@
 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "nrt_kernels CPU kernels (fused MixIT L1, fused PIT, fused noise-robust loss)";
+  m.doc() = "nrt_kernels CPU kernels (fused MixIT: L1 and the Gram metrics; fused PIT; fused noise-robust loss)";
   // build_config.CPU_ABI_VERSION: nrt_kernels/_native.py rebuilds a stale prebuilt module instead of crashing.
   m.attr("ABI_VERSION") = NRT_ABI_VERSION;
   m.def("mixit_l1_forward", &nrt_kernels::mixit_l1_forward_cpu, pybind11::arg("est"), pybind11::arg("mixtures"),
@@ -36,4 +37,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("est"), pybind11::arg("targets"), pybind11::arg("teacher"), pybind11::arg("pair_masks"),
         pybind11::arg("source_weights"), pybind11::arg("best"), pybind11::arg("masks"), pybind11::arg("weights"),
         pybind11::arg("divisor"), pybind11::call_guard<pybind11::gil_scoped_release>(), "-> grad_est like est");
+  m.def("mixit_gram_forward", &nrt_kernels::mixit_gram_forward_cpu, pybind11::arg("est"), pybind11::arg("mixtures"),
+        pybind11::arg("masks"), pybind11::arg("metric"), pybind11::arg("zero_mean"), pybind11::arg("eps"),
+        pybind11::arg("tau"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "(est (B, M, D), mixtures (B, N, D), masks (P, N) int32, metric code, zero_mean, eps, tau) -> "
+        "(row_loss (B,), best (B,) int64, dloss (B, N, 5) float64)");
+  m.def("mixit_gram_backward", &nrt_kernels::mixit_gram_backward_cpu, pybind11::arg("grad_rows"),
+        pybind11::arg("dloss"), pybind11::arg("est"), pybind11::arg("mixtures"), pybind11::arg("best"),
+        pybind11::arg("masks"), pybind11::arg("mixtures_grad"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "-> (grad_est like est, grad_mixtures like mixtures or None)");
 }

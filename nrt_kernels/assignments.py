@@ -30,6 +30,10 @@ PARTITION_MODES = ("generalized", "equal")
 MAX_CANDIDATES = 4096
 # The fused kernels score every subset of sources (2**M of them) per mixture.
 MAX_SOURCES = 12
+# The Gram metrics (SI-SDR, SD-SDR, SNR, MSE, log-MSE) score a candidate from the Gram matrix alone, so the
+# search costs O(N * M**2) per candidate whatever the signal length: 65536 covers 16 sources into 2 mixtures,
+# 10 into 3 and 8 into 4.  (Their source limit, shared with the C++ kernels, is build_config.GRAM_MAX_SOURCES.)
+GRAM_MAX_CANDIDATES = 65536
 
 
 def num_candidates(num_sources: int, num_mixtures: int, partitions: str) -> int:

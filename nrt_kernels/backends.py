@@ -33,6 +33,9 @@ BACKEND_MODULES = {
     ("noise_robust_l1", "cpu"): "nrt_kernels.ops.noise_robust_l1.cpu",
     ("pit", "triton"): "nrt_kernels.ops.pit.triton",
     ("pit", "cpu"): "nrt_kernels.ops.pit.cpu",
+    # MixIT with SI-SDR, SD-SDR, SNR, MSE or log-MSE (one Gram pass); the CUDA library computes only the L1.
+    ("mixit_gram", "triton"): "nrt_kernels.ops.mixit_gram.triton",
+    ("mixit_gram", "cpu"): "nrt_kernels.ops.mixit_gram.cpu",
 }
 
 

@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 
 import torch
 from torch import nn
 
 from . import training
-from .losses import mixit_loss, noise_robust_loss, pit_loss
 from .build_config import PIT_MAX_EXHAUSTIVE_SOURCES, PIT_METRICS
-from .validate import NOISE_ROBUST_TERMS, SDR_METRICS
+from .losses import mixit_loss, noise_robust_loss, pit_loss
+from .ops.mixit_gram import metric_row_loss, mixture_statistics
+from .validate import METRICS, NOISE_ROBUST_TERMS, SDR_METRICS
 
 
 class SingleSrcL1(nn.Module):
@@ -44,14 +46,66 @@ def _is_per_example_l1(loss_func) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == expected.shape and torch.allclose(value, expected)
 
 
+_SDR_TYPES = ("sisdr", "sdsdr", "snr")
+
+
+def _fused_metric(loss_func):
+    """``(metric, options)`` of :func:`nrt_kernels.mixit_loss` that computes ``loss_func`` per example, or None.
+
+    Recognised without importing asteroid: a metric name; a per-example L1; asteroid's ``MultiSrcNegSDR`` (its
+    ``multisrc_neg_sisdr`` / ``_sdsdr`` / ``_snr`` instances, the legacy ``NonPitSDR`` subclass) by its class name
+    and its fields ``sdr_type``, ``zero_mean``, ``take_log=True`` and ``EPS``; asteroid's ``MultiSrcMSE`` (the class
+    ``SingleSrcMSE``).  A class of one of these names is fused only if it computes that metric on a sample.
+    """
+    if isinstance(loss_func, str):
+        return (loss_func, {}) if loss_func in METRICS else None
+    if _is_per_example_l1(loss_func):
+        return "l1", {}
+    names = {cls.__name__ for cls in type(loss_func).__mro__}
+    if "MultiSrcNegSDR" in names:
+        sdr_type = getattr(loss_func, "sdr_type", None)
+        zero_mean = getattr(loss_func, "zero_mean", None)
+        eps = getattr(loss_func, "EPS", None)
+        if (sdr_type not in _SDR_TYPES or not isinstance(zero_mean, bool) or getattr(loss_func, "take_log", None)
+                is not True or isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < 1):
+            return None
+        metric, options = sdr_type, {"zero_mean": zero_mean, "eps": float(eps)}
+    elif names & {"SingleSrcMSE", "MultiSrcMSE"}:
+        metric, options = "mse", {}
+    else:
+        return None
+    return (metric, options) if _computes(loss_func, metric, options) else None
+
+
+def _computes(loss_func, metric: str, options: dict) -> bool:
+    """Whether ``loss_func`` gives ``metric``'s per-example values on a random (3, 2, 50) sample."""
+    generator = torch.Generator().manual_seed(0)
+    est = torch.randn(3, 2, 50, generator=generator, dtype=torch.float64)
+    target = torch.randn(3, 2, 50, generator=generator, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            value = loss_func(est, target)
+    except Exception:
+        return False
+    expected = metric_row_loss(mixture_statistics(est, target), est.shape[-1], metric, options.get("zero_mean", False),
+                               options.get("eps", 0.0), 0.0)
+    return (isinstance(value, torch.Tensor) and value.shape == expected.shape
+            and torch.allclose(value.double(), expected, rtol=1e-6, atol=1e-9))
+
+
 class MixITLossWrapper(nn.Module):
-    """asteroid's ``MixITLossWrapper(loss_func, generalized=True, reduction="mean")``, fused for a per-example L1.
+    """asteroid's ``MixITLossWrapper(loss_func, generalized=True, reduction="mean")``, fused for the losses MixIT
+    trains with.
 
     ``forward(est_targets, targets, return_est=False)`` returns what asteroid returns: the mean loss (or the
     (B, 1) row losses for ``reduction="none"``) and, with ``return_est``, the remixed estimates (B, N, *) in the
     targets' dtype.
-    A ``loss_func`` that is not a per-example L1 (``"l1"``, :class:`SingleSrcL1` or a class of that name that
-    computes one) runs the reference loop over every partition, with a one-time warning.
+    Fused: a per-example L1 (``"l1"``, :class:`SingleSrcL1` or a class of that name that computes one), asteroid's
+    ``MultiSrcNegSDR`` instances (``multisrc_neg_sisdr``, ``multisrc_neg_sdsdr``, ``multisrc_neg_snr``, with their
+    ``zero_mean`` and ``EPS``) and ``MultiSrcMSE``, or a metric name of :func:`nrt_kernels.mixit_loss` (``"sisdr"``,
+    ``"log_mse"``, ...).  The fused path flattens trailing dims into one signal per source (asteroid's SDR losses
+    accept only (B, n, T)).  Any other ``loss_func`` runs the reference loop over every partition, with a one-time
+    warning.
     """
 
     def __init__(self, loss_func, generalized=True, reduction="mean", impl="auto"):
@@ -60,7 +114,8 @@ class MixITLossWrapper(nn.Module):
         self.generalized = generalized
         self.reduction = reduction
         self.impl = impl
-        self.fused = _is_per_example_l1(loss_func)
+        self.fused_metric = _fused_metric(loss_func)
+        self.fused = self.fused_metric is not None
         self._warned = False
 
     def forward(self, est_targets, targets, return_est=False, **kwargs):
@@ -69,13 +124,15 @@ class MixITLossWrapper(nn.Module):
                             f"{', '.join(kwargs)} (asteroid passes them to loss_func: give a loss_func that takes them)")
         partitions = "generalized" if self.generalized else "equal"
         if self.fused and not kwargs:
-            outputs = mixit_loss(est_targets, targets, partitions=partitions, reduction="none", return_est=return_est,
-                                 impl=self.impl)
+            metric, options = self.fused_metric
+            outputs = mixit_loss(est_targets, targets, metric=metric, partitions=partitions, reduction="none",
+                                 return_est=return_est, impl=self.impl, **options)
             row_loss, est_mixtures = outputs if return_est else (outputs, None)
         else:
             if not self._warned:
-                warnings.warn(f"nrt_kernels fuses only a per-example L1; {self.loss_func!r} runs the reference loop "
-                              "over every partition", stacklevel=2)
+                warnings.warn(f"nrt_kernels fuses a per-example L1, asteroid's MultiSrcNegSDR and MultiSrcMSE and the "
+                              f"metrics {METRICS}; {self.loss_func!r} runs the reference loop over every partition",
+                              stacklevel=2)
                 self._warned = True
             from . import reference  # the loop over every partition, with the user's loss
 

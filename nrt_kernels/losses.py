@@ -8,6 +8,7 @@ from . import backends
 from .ops import noise_robust_l1 as noise_robust_op
 from .ops import pit as pit_op
 from .ops._operands import common_dtype, fused_operand
+from .ops import mixit_gram as mixit_gram_op
 from .ops.mixit_l1 import mixit_l1_loss
 from .ops.noise_robust_l1.composed import Composition, composed_loss
 from .validate import NOISE_ROBUST_TERMS, check_mixit_inputs, check_noise_robust_inputs, check_pairing_option
@@ -22,41 +23,64 @@ def _reference():
 
 
 def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
-               return_assignment=False, impl="auto"):
-    """MixIT loss with a per-example L1: the best assignment of sources to mixtures, per row.
+               return_assignment=False, impl="auto", zero_mean=None, eps=None, max_snr=None):
+    """MixIT loss: the best assignment of sources to mixtures, per row, under a per-example metric.
 
     Args:
         est: (B, M, *) estimated sources.
-        mixtures: (B, N, *) mixtures (or noisy stems) with the same trailing dims.
-        metric: "l1", the mean absolute error over mixtures and trailing dims.
+        mixtures: (B, N, *) mixtures (or noisy stems) with the same trailing dims; the trailing dims are flattened
+            into one signal per source and mixture.
+        metric: per candidate, with remixes r_n and mixtures x_n, averaged over the mixtures:
+            "l1": mean |r_n - x_n| (over mixtures and elements);
+            "sisdr", "sdsdr", "snr": asteroid 0.7.0's ``MultiSrcNegSDR(metric, zero_mean, EPS=eps)``, the negative
+            SI-SDR / SD-SDR / SNR in dB;
+            "mse": asteroid's ``MultiSrcMSE``, mean (r_n - x_n)^2;
+            "log_mse": Google's MixIT loss, 10 log10(||x_n - r_n||^2 + 10^(-max_snr/10) ||x_n||^2 + eps).
         partitions: "generalized" (every assignment, empty groups allowed) or "equal" (M // N sources each).
         reduction: "mean" over rows, or "none" for the (B,) row losses.
         return_est: also return the remixed estimates (B, N, *) of each row's best candidate.
         return_assignment: also return (B, M) int64, the mixture each source was assigned to.
-        impl: "auto", "triton", "cuda", "cpu" or "reference".
+        impl: "auto", "triton", "cuda" (L1 only), "cpu" or "reference".
+        zero_mean: SDR metrics only (default True): remove each signal's mean first.
+        eps: SDR metrics (asteroid's EPS) and log_mse (the log's stabilizer); default 1e-8.
+        max_snr: log_mse only (default 30 dB): the threshold, tau = 10^(-max_snr/10).
+        An option given to a metric that does not read it raises ValueError.
 
     Returns:
         ``loss``, or a tuple ``(loss, est_mixtures?, assignment?)`` in that order.
-        The loss is float32 for float16/bfloat16/float32 inputs on the fused paths.
+        The loss is float32 for float16/bfloat16/float32 inputs on the fused paths (float64 for float64).
     """
-    check_mixit_inputs(est, mixtures, metric=metric, partitions=partitions, reduction=reduction)
-    backend = backends.resolve("mixit_l1", impl, est.device.type)
+    options = check_mixit_inputs(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
+                                 zero_mean=zero_mean, eps=eps, max_snr=max_snr)
+    op = "mixit_l1" if metric == "l1" else mixit_gram_op.OP
+    if op == mixit_gram_op.OP and impl == "cuda":
+        raise backends.BackendUnavailable(f'impl="cuda" (the nvcc-built library) computes only metric="l1"; for '
+                                          f'metric={metric!r} use impl="triton" or impl="auto" on CUDA tensors')
+    backend = backends.resolve(op, impl, est.device.type)
     if backend == "reference":
         return _reference().mixit_loss(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
-                                       return_est=return_est, return_assignment=return_assignment)
-    backends.check_autograd_transforms("mixit_l1", est, mixtures)
-    return mixit_l1_loss(est, mixtures, backend, partitions=partitions, reduction=reduction, return_est=return_est,
-                         return_assignment=return_assignment)
+                                       return_est=return_est, return_assignment=return_assignment,
+                                       zero_mean=zero_mean, eps=eps, max_snr=max_snr)
+    backends.check_autograd_transforms(op, est, mixtures)
+    if op == "mixit_l1":
+        return mixit_l1_loss(est, mixtures, backend, partitions=partitions, reduction=reduction,
+                             return_est=return_est, return_assignment=return_assignment)
+    return mixit_gram_op.mixit_gram_loss(est, mixtures, backend, metric=metric, options=options,
+                                         partitions=partitions, reduction=reduction, return_est=return_est,
+                                         return_assignment=return_assignment)
 
 
 class MixITLoss(nn.Module):
     """Module form of :func:`mixit_loss`; the keyword arguments are fixed at construction."""
 
     def __init__(self, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
-                 return_assignment=False, impl="auto"):
+                 return_assignment=False, impl="auto", zero_mean=None, eps=None, max_snr=None):
         super().__init__()
         self.options = dict(metric=metric, partitions=partitions, reduction=reduction, return_est=return_est,
                             return_assignment=return_assignment, impl=impl)
+        # Only the options given: the metric's defaults apply to the rest, and a wrong one fails on the first call.
+        self.options.update({name: value for name, value in
+                             (("zero_mean", zero_mean), ("eps", eps), ("max_snr", max_snr)) if value is not None})
 
     def forward(self, est, mixtures):
         return mixit_loss(est, mixtures, **self.options)

@@ -1,12 +1,14 @@
 """Pure-PyTorch reference: the definition every fused path is tested against.
 
-It mirrors asteroid's ``MixITLossWrapper`` with a per-example L1: a loop over every
-candidate assignment that materialises its remixed estimates, ``torch.min`` over
-candidates (first minimum wins, NaN wins over numbers), autograd for the gradient.
+It mirrors asteroid's ``MixITLossWrapper`` with a per-example loss (L1; asteroid 0.7.0's ``MultiSrcNegSDR`` and
+``MultiSrcMSE``; Google's thresholded log-MSE): a loop over every candidate assignment that materialises its
+remixed estimates, ``torch.min`` over candidates (first minimum wins, NaN wins over numbers), autograd for the
+gradient.
 """
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -63,12 +65,77 @@ def finish_mixit(row_loss, best, est, num_mixtures, *, partitions, reduction, re
 
 
 def mixit_loss(est, mixtures, *, metric="l1", partitions="generalized", reduction="mean", return_est=False,
-               return_assignment=False):
+               return_assignment=False, zero_mean=None, eps=None, max_snr=None):
     """Reference MixIT loss; same arguments and results as :func:`nrt_kernels.mixit_loss`."""
-    check_mixit_inputs(est, mixtures, metric=metric, partitions=partitions, reduction=reduction)
-    row_loss, best = torch.min(candidate_losses(est, mixtures, partitions), dim=1)
+    options = check_mixit_inputs(est, mixtures, metric=metric, partitions=partitions, reduction=reduction,
+                                 zero_mean=zero_mean, eps=eps, max_snr=max_snr)
+    loss_func = per_example_loss(metric, options)
+    row_loss, best = torch.min(candidate_losses(est, mixtures, partitions, loss_func), dim=1)
     return finish_mixit(row_loss, best, est, mixtures.shape[1], partitions=partitions, reduction=reduction,
                         return_est=return_est, return_assignment=return_assignment)
+
+
+# ----------------------------------------------------------------------------------------------
+# The bilinear MixIT metrics: asteroid 0.7.0's MultiSrcNegSDR (SI-SDR, SD-SDR, SNR) and MultiSrcMSE, Google's
+# thresholded log-MSE (google-research/sound-separation, models/neurips2020_mixit/model.py with
+# models/train/mixit.py). Each takes remixed estimates and mixtures (B, N, *), flattens the trailing dims into one
+# signal per mixture (what reshaping to (B, N, -1) before calling asteroid gives) and returns (B,).
+# ----------------------------------------------------------------------------------------------
+
+
+def neg_sdr_per_example(est_mixtures: torch.Tensor, mixtures: torch.Tensor, sdr_type: str = "sisdr",
+                        zero_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """asteroid 0.7.0 ``MultiSrcNegSDR(sdr_type, zero_mean, take_log=True)`` with its EPS equal to ``eps``.
+
+    The same tensor operations in asteroid's order, EPS in asteroid's three places: added to the target's energy
+    (SI-SDR and SD-SDR scale the target by <est, target> / (||target||^2 + EPS)), to the noise energy in the
+    denominator, and inside the log: ``-mean over mixtures of 10 log10(||scaled||^2 / (||noise||^2 + EPS) + EPS)``,
+    noise = est - scaled target (SI-SDR) or est - target (SD-SDR, SNR; SNR's numerator is ||target||^2).
+    (asteroid 0.7.0's constructor ignores its ``EPS`` argument and always stores 1e-8; here ``eps`` is used.)
+    """
+    est = est_mixtures.flatten(2)
+    target = mixtures.flatten(2)
+    if zero_mean:
+        target = target - torch.mean(target, dim=2, keepdim=True)
+        est = est - torch.mean(est, dim=2, keepdim=True)
+    if sdr_type in ("sisdr", "sdsdr"):
+        dot = torch.sum(est * target, dim=2, keepdim=True)
+        target_energy = torch.sum(target**2, dim=2, keepdim=True) + eps
+        scaled_target = dot * target / target_energy
+    else:
+        scaled_target = target
+    noise = est - (scaled_target if sdr_type == "sisdr" else target)
+    sdr = torch.sum(scaled_target**2, dim=2) / (torch.sum(noise**2, dim=2) + eps)
+    sdr = 10 * torch.log10(sdr + eps)
+    return -torch.mean(sdr, dim=-1)
+
+
+def mse_per_example(est_mixtures: torch.Tensor, mixtures: torch.Tensor) -> torch.Tensor:
+    """asteroid's ``MultiSrcMSE`` (an alias of ``SingleSrcMSE``): (mixture - est)^2 averaged over all but the batch."""
+    return ((mixtures - est_mixtures) ** 2).flatten(1).mean(1)
+
+
+def log_mse_per_example(est_mixtures: torch.Tensor, mixtures: torch.Tensor, max_snr: float = 30.0,
+                        eps: float = 1e-8) -> torch.Tensor:
+    """Google's MixIT loss: ``log_mse_loss(mixture, remix, max_snr)`` per mixture, averaged over the mixtures:
+    10 log10(||x - r||^2 + 10^(-max_snr/10) ||x||^2 + eps), eps being Google's log stabilizer (1e-8)."""
+    target = mixtures.flatten(2)
+    err_pow = torch.sum(torch.square(target - est_mixtures.flatten(2)), dim=-1)
+    bias = 10.0 ** (-max_snr / 10.0) * torch.sum(torch.square(target), dim=-1)
+    return torch.mean(10.0 * (torch.log(bias + err_pow + eps) / math.log(10.0)), dim=1)
+
+
+def per_example_loss(metric: str, options):
+    """``loss_func(est_mixtures, mixtures) -> (B,)`` of a metric with its (validated) options."""
+    if metric == "l1":
+        return l1_per_example
+    if metric == "mse":
+        return mse_per_example
+    if metric == "log_mse":
+        return lambda est_mixtures, mixtures: log_mse_per_example(est_mixtures, mixtures, options.max_snr,
+                                                                  options.eps)
+    return lambda est_mixtures, mixtures: neg_sdr_per_example(est_mixtures, mixtures, metric, options.zero_mean,
+                                                              options.eps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,15 +2,37 @@
 from __future__ import annotations
 
 import collections.abc
+import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
-from .assignments import MAX_CANDIDATES, MAX_SOURCES, PARTITION_MODES, num_candidates
-from .build_config import PIT_MAX_EXHAUSTIVE_SOURCES, PIT_MAX_SOURCES, PIT_METRICS
+from .assignments import GRAM_MAX_CANDIDATES, MAX_CANDIDATES, MAX_SOURCES, PARTITION_MODES, num_candidates
+from .build_config import GRAM_MAX_SOURCES, GRAM_METRIC_CODES, PIT_MAX_EXHAUSTIVE_SOURCES, PIT_MAX_SOURCES, PIT_METRICS
 
 REDUCTIONS = ("mean", "none")
-METRICS = ("l1",)
+# "l1" runs the subset-sum kernels; the others are bilinear in the signals and run through one Gram pass.
+GRAM_METRICS = tuple(GRAM_METRIC_CODES)
+METRICS = ("l1", *GRAM_METRICS)
+# The options each metric reads (an option given to a metric that does not read it is an error, not ignored), and
+# their defaults: asteroid's zero_mean=True and EPS=1e-8, Google's max_snr=30 dB (whose log stabilizer is 1e-8 too).
+METRIC_OPTIONS = {"l1": (), "sisdr": ("zero_mean", "eps"), "sdsdr": ("zero_mean", "eps"), "snr": ("zero_mean", "eps"),
+                  "mse": (), "log_mse": ("eps", "max_snr")}
+OPTION_DEFAULTS = {"zero_mean": True, "eps": 1e-8, "max_snr": 30.0}
+# (max sources, max candidates) per metric. L1 scores all 2**M subsets per element; the Gram metrics read M + N
+# signals once per element and score candidates from the Gram alone, so 16 sources into 2 mixtures (65536
+# candidates) or 8 into 3 (6561) cost one pass over the data plus a search independent of its length.
+CANDIDATE_LIMITS = {metric: (GRAM_MAX_SOURCES, GRAM_MAX_CANDIDATES) for metric in GRAM_METRICS}
+CANDIDATE_LIMITS["l1"] = (MAX_SOURCES, MAX_CANDIDATES)
+
+
+class MetricOptions(NamedTuple):
+    """The options of a MixIT metric after defaults: ``None`` where the metric does not read the option."""
+
+    zero_mean: bool | None = None
+    eps: float | None = None
+    max_snr: float | None = None
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -30,15 +52,42 @@ def check_float_tensor(name: str, tensor) -> None:
         raise TypeError(f"{name} must have a floating-point dtype ({names}), got {tensor.dtype}")
 
 
+def check_metric_options(metric: str, *, zero_mean=None, eps=None, max_snr=None) -> MetricOptions:
+    """The metric's options with defaults filled in; an option the metric does not read raises ValueError."""
+    check_choice("metric", metric, METRICS)
+    given = {"zero_mean": zero_mean, "eps": eps, "max_snr": max_snr}
+    reads = METRIC_OPTIONS[metric]
+    for name, value in given.items():
+        if value is not None and name not in reads:
+            readers = [m for m, options in METRIC_OPTIONS.items() if name in options]
+            raise ValueError(f"{name}={value!r} does not apply to metric={metric!r} (only to {', '.join(readers)}); "
+                             f"leave it unset")
+    options = {name: OPTION_DEFAULTS[name] if given[name] is None else given[name] for name in reads}
+    if "zero_mean" in options and not isinstance(options["zero_mean"], bool):
+        raise TypeError(f"zero_mean must be True or False, got {options['zero_mean']!r}")
+    for name in ("eps", "max_snr"):
+        if name not in options:
+            continue
+        value = options[name]
+        if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+        options[name] = float(value)
+    if "eps" in options and not (0 <= options["eps"] < math.inf):
+        raise ValueError(f"eps must be finite and >= 0, got {options['eps']!r}")
+    if "max_snr" in options and (math.isnan(options["max_snr"]) or options["max_snr"] == -math.inf):
+        raise ValueError(f"max_snr must be a number of dB (inf for no threshold), got {options['max_snr']!r}")
+    return MetricOptions(**options)
+
+
 def check_mixit_inputs(est: torch.Tensor, mixtures: torch.Tensor, *, metric="l1", partitions="generalized",
-                       reduction="mean") -> None:
-    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid."""
+                       reduction="mean", zero_mean=None, eps=None, max_snr=None) -> MetricOptions:
+    """Raise TypeError/ValueError naming the problem; return the metric's options when the call is valid."""
     for name, tensor in (("est", est), ("mixtures", mixtures)):
         check_float_tensor(name, tensor)
         if tensor.ndim < 3:
             raise ValueError(f"{name} must have shape (batch, sources or mixtures, *trailing) with at least one "
                              f"trailing dim, got shape {tuple(tensor.shape)}")
-    check_choice("metric", metric, METRICS)
+    options = check_metric_options(metric, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
     check_choice("partitions", partitions, PARTITION_MODES)
     check_choice("reduction", reduction, REDUCTIONS)
     if est.device != mixtures.device:
@@ -51,15 +100,17 @@ def check_mixit_inputs(est: torch.Tensor, mixtures: torch.Tensor, *, metric="l1"
     if est.numel() == 0 or mixtures.numel() == 0:
         raise ValueError(f"empty input: est has shape {tuple(est.shape)}, mixtures has shape {tuple(mixtures.shape)}")
     num_sources, num_mixtures = est.shape[1], mixtures.shape[1]
-    if num_sources > MAX_SOURCES:
-        raise ValueError(f"at most {MAX_SOURCES} sources are supported, got {num_sources}")
+    max_sources, max_candidates = CANDIDATE_LIMITS[metric]
+    if num_sources > max_sources:
+        raise ValueError(f"at most {max_sources} sources are supported with metric={metric!r}, got {num_sources}")
     if partitions == "equal" and num_sources % num_mixtures != 0:
         raise ValueError(f'partitions="equal" needs the number of sources ({num_sources}) to be divisible by the '
                          f'number of mixtures ({num_mixtures}); use partitions="generalized"')
     count = num_candidates(num_sources, num_mixtures, partitions)
-    if count > MAX_CANDIDATES:
+    if count > max_candidates:
         raise ValueError(f"too many candidate assignments: {num_sources} sources into {num_mixtures} mixtures "
-                         f"({partitions}) gives {count}, the limit is {MAX_CANDIDATES}")
+                         f"({partitions}) gives {count}, the limit with metric={metric!r} is {max_candidates}")
+    return options
 
 
 # ----------------------------------------------------------------------------------------------

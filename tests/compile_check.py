@@ -111,6 +111,9 @@ def main() -> int:
     # CPU tensors stand in for CUDA ones: let them through to the (compile-only) launches.
     backends.triton_interpreted = lambda: True
     backends._triton_kernels_interpreted = lambda: True
+    from nrt_kernels.ops import _triton_launch
+
+    _triton_launch.INTERPRETED = False  # the GPU's launch configs (ops that size them for the interpreter read it)
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     _check_mixit((torch.float32, torch.bfloat16, torch.float16, torch.float64),
                  ((4, 2, "generalized"), (4, 2, "equal"), (8, 2, "generalized"), (3, 3, "generalized"),
@@ -121,6 +124,12 @@ def main() -> int:
                          ("v2", [1, 0.5, 2, 1], torch.float32, 4, [1, 2, 1, 1]),
                          ("v2", [0.5, 0.5, 2, 0.5], torch.bfloat16, 8, None),
                          ("v1", [1, 2, 1], torch.float32, 2, None)])
+    # The Gram metrics: every metric, input dtype and Gram padding (16 or 32 signals), both backward variants.
+    _check_mixit_gram([("sisdr", torch.float32, 4, 2, {}, True), ("sdsdr", torch.bfloat16, 4, 2, {}, False),
+                       ("snr", torch.float16, 4, 2, {}, False), ("mse", torch.float64, 4, 2, {}, True),
+                       ("log_mse", torch.float32, 16, 2, {}, False),
+                       ("sisdr", torch.bfloat16, 16, 2, {"zero_mean": False}, False),
+                       ("sdsdr", torch.float32, 8, 3, {}, False)])
     # The pipelined partials loops that the GPU tune scripts sweep: they must compile, without spills, too.
     for stages in (2, 3, 4):
         _check_pipelined(stages)
@@ -143,6 +152,16 @@ def _check_mixit(dtypes, cases):
             mix = torch.randn(2, mixtures, 2, 300).to(dtype).requires_grad_(True)
             loss = nrt_kernels.mixit_loss(est, mix, partitions=partitions, impl="triton")
             loss.backward()
+
+
+def _check_mixit_gram(cases):
+    import nrt_kernels
+
+    for metric, dtype, sources, mixtures, options, mixtures_grad in cases:
+        est = torch.randn(2, sources, 2, 300).to(dtype).requires_grad_(True)
+        mix = torch.randn(2, mixtures, 2, 300).to(dtype).requires_grad_(mixtures_grad)
+        loss = nrt_kernels.mixit_loss(est, mix, metric=metric, impl="triton", **options)
+        loss.backward()
 
 
 def _check_pipelined(stages):
