@@ -10,7 +10,7 @@ from .ops import pit as pit_op
 from .ops._operands import common_dtype, fused_operand
 from .ops import mixit_gram as mixit_gram_op
 from .ops.mixit_l1 import mixit_l1_loss
-from .ops.noise_robust_l1.composed import Composition, composed_loss
+from .ops.noise_robust_l1.composed import composed_loss
 from .validate import NOISE_ROBUST_TERMS, check_mixit_inputs, check_noise_robust_inputs, check_pairing_option
 from .validate import check_pit_inputs
 
@@ -148,11 +148,10 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     scales = {name: weight / divisor for name, weight in active.items()}
     # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
     rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
-    implementation = backends.lookup(noise_robust_op.OP, backend)
     # The fused kernels differentiate est only; autograd differentiates the composition in everything else.
     other_grad = (targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
                   or (isinstance(source_weights, torch.Tensor) and source_weights.requires_grad))
-    if isinstance(implementation, Composition) or (other_grad and torch.is_grad_enabled()):
+    if other_grad and torch.is_grad_enabled():
         loss, terms = composed_loss(est, targets, teacher_targets, scales, rows, source_weights, backend,
                                     _first_mixture_size)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss

@@ -7,8 +7,8 @@ forms from the noisy targets, ``teacher`` = the l1 against teacher targets.
 
 Kernel backends (``triton.py``, ``cuda`` being the same Triton kernel; ``cpu.py``, the C++ kernel) register
 ``forward(est, targets, teacher, pair_masks, source_weights, weights, divisor) -> (loss, terms, best)`` and
-``backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``.  A backend without a fused kernel
-registers a :class:`composed.Composition` instead: the MixIT op of that backend with the other terms in PyTorch.
+``backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``.
+``composed.py`` computes the loss from a backend's MixIT op and PyTorch terms when targets require grad.
 Eager calls on plain tensors go through :func:`noise_robust_l1_loss`, which skips torch.library's dispatch.
 """
 from __future__ import annotations
