@@ -49,39 +49,41 @@ def shape(pytestconfig) -> tuple[int, ...]:
 
 def bench_impls(config) -> list[str]:
     """The reference loop, its torch.compile when asked (or on CUDA), and every backend that runs on the device."""
-    from nrt_kernels import bench
+    from nrt_kernels.bench import cases
 
     device = bench_device(config)
-    impls = [bench.BASELINE]
+    impls = [cases.BASELINE]
     if config.getoption("--nrt-compile") or device.type == "cuda":
-        impls.append(bench.COMPILED)
+        impls.append(cases.COMPILED)
     # The Triton interpreter is not benchmarked: probe_backend refuses triton on a CPU.
-    impls += [impl for impl in bench.BACKENDS if bench.probe_backend(impl, device, allow_triton_on_cpu=False) is None]
+    impls += [impl for impl in cases.BACKENDS if cases.probe_backend(impl, device, allow_triton_on_cpu=False) is None]
     return impls
 
 
 def run_case(benchmark, case, impl, device, *, rounds=None):
     """Benchmark forward + backward of ``case`` on ``impl``; check its loss against the reference first."""
-    from nrt_kernels import bench
+    from nrt_kernels.bench import cases, timing
 
-    inputs = bench.make_inputs(case, device, torch.float32)
-    loss_of = bench.compiled_reference(case) if impl == bench.COMPILED else bench.loss_function(case, impl)
-    expected = bench.loss_function(case, bench.BASELINE)(inputs).detach()
+    if not cases.has_backend(case, impl):
+        pytest.skip(f"{case.op} has no {impl} backend")
+    inputs = cases.make_inputs(case, device, torch.float32)
+    loss_of = cases.compiled_reference(case) if impl == cases.COMPILED else cases.loss_function(case, impl)
+    expected = cases.loss_function(case, cases.BASELINE)(inputs).detach()
     got = loss_of(inputs).detach()
     # A benchmark of a wrong result is worse than none.
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-5)
-    step = bench.fwd_bwd_step(loss_of, inputs)
+    step = timing.fwd_bwd_step(loss_of, inputs)
 
     def synchronized_step():
         grad = step()
-        bench.synchronize(device)
+        timing.synchronize(device)
         return grad
 
     if rounds is None:
         rounds = 5 if device.type == "cpu" else 50
     grad = benchmark.pedantic(synchronized_step, rounds=rounds, warmup_rounds=2, iterations=1)
     assert torch.isfinite(grad).all()
-    nbytes = bench.min_bytes(inputs)
+    nbytes = cases.min_bytes(inputs)
     benchmark.extra_info.update({"case": case.name, "impl": impl, "shape": list(case.shape), "min_bytes": nbytes,
                                  "device": str(device)})
     stats = getattr(benchmark, "stats", None)

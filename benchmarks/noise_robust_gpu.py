@@ -19,7 +19,8 @@ import traceback
 import torch
 
 from nrt_kernels import noise_robust_loss, reference
-from nrt_kernels.bench import peak_bytes_cuda, time_cuda, time_cuda_graph
+from nrt_kernels.bench.memory import peak_bytes_cuda
+from nrt_kernels.bench.timing import time_cuda, time_cuda_graph
 from nrt_kernels.ops import noise_robust_l1 as noise_robust_op
 from nrt_kernels.ops.mixit_l1.triton import BackwardConfig
 from nrt_kernels.ops.noise_robust_l1 import triton as op

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 from conftest import bench_impls, bench_shape, run_case
 
-from nrt_kernels import bench
+from nrt_kernels.bench import cases
 
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "case" in metafunc.fixturenames:
-        shape = bench_shape(config)
-        metafunc.parametrize("case", [bench.Case("v1", "v1", shape), bench.Case("v2", "v2", shape)],
-                             ids=["v1", "v2"])
+        noise_robust = cases.noise_robust_cases(bench_shape(config))
+        metafunc.parametrize("case", noise_robust, ids=[case.name for case in noise_robust])
     if "impl" in metafunc.fixturenames:
         metafunc.parametrize("impl", bench_impls(config))
 

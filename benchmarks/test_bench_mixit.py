@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from conftest import bench_impls, bench_shape, run_case
 
-from nrt_kernels import bench
+from nrt_kernels.bench import cases
 
 MIXIT_CASES = ("mixit-2-generalized", "mixit-4-generalized", "mixit-4-equal", "mixit-6-generalized",
                "mixit-8-generalized", "mixit-8-equal")
@@ -15,8 +15,8 @@ MIXIT_CASES = ("mixit-2-generalized", "mixit-4-generalized", "mixit-4-equal", "m
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "case" in metafunc.fixturenames:
-        cases = {case.name: case for case in bench.build_cases(bench_shape(config))}
-        metafunc.parametrize("case", [cases[name] for name in MIXIT_CASES], ids=list(MIXIT_CASES))
+        by_name = {case.name: case for case in cases.mixit_cases(bench_shape(config))}
+        metafunc.parametrize("case", [by_name[name] for name in MIXIT_CASES], ids=list(MIXIT_CASES))
     if "impl" in metafunc.fixturenames:
         metafunc.parametrize("impl", bench_impls(config))
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 import nrt_kernels
-from nrt_kernels.bench import copy_bandwidth, time_cuda, time_cuda_graph
+from nrt_kernels.bench.timing import copy_bandwidth, time_cuda, time_cuda_graph
 from nrt_kernels.ops.mixit_l1 import triton as op
 
 

@@ -6,8 +6,8 @@ Importing it loads no backend: triton, the C++ extension and the CUDA library ar
 from . import assignments, reference, training
 from .assignments import MAX_CANDIDATES, MAX_SOURCES
 from .backends import IMPLS
-from .losses import MixITLoss, NoiseRobustLoss, mixit_loss, noise_robust_loss
+from .losses import MixITLoss, NoiseRobustLoss, PITLoss, mixit_loss, noise_robust_loss, pit_loss
 
 __all__ = ["IMPLS", "MAX_CANDIDATES", "MAX_SOURCES", "MixITLoss", "assignments", "mixit_loss", "reference",
-           "NoiseRobustLoss", "noise_robust_loss", "training"]
+           "NoiseRobustLoss", "noise_robust_loss", "PITLoss", "pit_loss", "training"]
 __version__ = "0.1.0"

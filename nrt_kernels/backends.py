@@ -31,6 +31,8 @@ BACKEND_MODULES = {
     # one GPU implementation of it to keep exact (README, "Backends").
     ("noise_robust_l1", "cuda"): "nrt_kernels.ops.noise_robust_l1.triton",
     ("noise_robust_l1", "cpu"): "nrt_kernels.ops.noise_robust_l1.cpu",
+    ("pit", "triton"): "nrt_kernels.ops.pit.triton",
+    ("pit", "cpu"): "nrt_kernels.ops.pit.cpu",
     # MixIT with SI-SDR, SD-SDR, SNR, MSE or log-MSE (one Gram pass); the CUDA library computes only the L1.
     ("mixit_gram", "triton"): "nrt_kernels.ops.mixit_gram.triton",
     ("mixit_gram", "cpu"): "nrt_kernels.ops.mixit_gram.cpu",
@@ -118,8 +120,9 @@ def check_autograd_transforms(op: str, *tensors: torch.Tensor) -> None:
     unsupported = None
     if torch._C._are_functorch_transforms_active():
         unsupported = "torch.func transforms (grad, vmap, jacrev, jvp, ...)"
-    elif not torch.compiler.is_compiling() and any(
-            torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors):
+    # Tangents exist only inside a dual level (forward_ad.dual_level); outside one, skip looking (host time).
+    elif (not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+          and any(torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)):
         unsupported = "forward-mode AD (dual tensors)"
     if unsupported:
         raise NotImplementedError(

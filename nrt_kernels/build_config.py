@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Bumped whenever a compiled signature changes: a prebuilt module or library from other sources is refused and
 # rebuilt instead of crashing.
-CPU_ABI_VERSION = 3
+CPU_ABI_VERSION = 5
 CUDA_ABI_VERSION = 2
 
 # The fused L1 kernels score every subset of sources (2**M of them) per mixture.
@@ -26,16 +26,25 @@ GRAM_MAX_SOURCES = 16
 # The Gram-metric MixIT op's metric argument (nrt_kernels/ops/mixit_gram, csrc/cpu/mixit_gram_cpu.cpp).
 GRAM_METRIC_CODES = {"sisdr": 0, "sdsdr": 1, "snr": 2, "mse": 3, "log_mse": 4}
 
+# PIT: the Hungarian kernels keep a row's columns in one warp's lanes (32 sources); the exhaustive solver scores
+# M! permutations (40320 at 8). The metric order is the index every PIT kernel reads; the backward reads
+# PIT_NUM_COEFFS coefficients per (row, target).
+PIT_MAX_SOURCES = 32
+PIT_MAX_EXHAUSTIVE_SOURCES = 8
+PIT_METRICS = ("sisdr", "sdsdr", "snr", "mse", "l1", "log_mse")
+PIT_NUM_COEFFS = 6
+
 # Input dtypes of the CUDA library's C interface.
 CUDA_DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 # The C++ extension nrt_kernels._cpu: sources relative to the repository root.
-CPU_SOURCES = ("csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp", "csrc/cpu/mixit_gram_cpu.cpp")
-CPU_HEADERS = ("csrc/nrt_config.h", "csrc/cpu/mixit_l1_cpu.h", "csrc/cpu/mixit_gram_cpu.h")
+CPU_SOURCES = ("csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp", "csrc/cpu/mixit_gram_cpu.cpp", "csrc/cpu/pit_cpu.cpp",
+               "csrc/cpu/noise_robust_l1_cpu.cpp")
+CPU_HEADERS = ("csrc/nrt_config.h", "csrc/cpu/subset_l1.h", "csrc/cpu/mixit_l1_cpu.h", "csrc/cpu/mixit_gram_cpu.h",
+               "csrc/cpu/pit_cpu.h", "csrc/cpu/noise_robust_l1_cpu.h")
 # No -march: the module must run on any x86-64 / aarch64 CPU, not only the build machine's.
 # -fopenmp makes at::parallel_for (inlined from ATen headers) use torch's OpenMP thread pool.
-# -ffp-contract=off: no clone may fuse a multiply and an add (the AVX-512 one could), so every ISA clone performs
-# the same IEEE operations and results are bitwise identical across CPUs.
+# -ffp-contract=off: no multiply-add is fused, so every ISA clone (NRT_ISA_CLONES) rounds alike.
 CPU_COMPILE_ARGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 CPU_LINK_ARGS = ("-fopenmp",)
 
@@ -51,8 +60,11 @@ def defines(abi_version: int) -> tuple[str, ...]:
     """The ``-D`` flags every compiled source is built with."""
     codes = tuple(f"-DNRT_DTYPE_{name.upper()}={code}" for name, code in CUDA_DTYPE_CODES.items())
     codes += tuple(f"-DNRT_METRIC_{name.upper()}={code}" for name, code in GRAM_METRIC_CODES.items())
+    pit = (f"-DNRT_PIT_MAX_SOURCES={PIT_MAX_SOURCES}", f"-DNRT_PIT_MAX_EXHAUSTIVE_SOURCES={PIT_MAX_EXHAUSTIVE_SOURCES}",
+           f"-DNRT_PIT_NUM_COEFFS={PIT_NUM_COEFFS}",
+           *(f"-DNRT_PIT_METRIC_{name.upper()}={index}" for index, name in enumerate(PIT_METRICS)))
     return (f"-DNRT_ABI_VERSION={abi_version}", f"-DNRT_MAX_SOURCES={MAX_SOURCES}",
-            f"-DNRT_GRAM_MAX_SOURCES={GRAM_MAX_SOURCES}", *codes)
+            f"-DNRT_GRAM_MAX_SOURCES={GRAM_MAX_SOURCES}", *codes, *pit)
 
 
 def cpu_compile_args() -> list[str]:

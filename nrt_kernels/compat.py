@@ -1,7 +1,7 @@
 """Drop-in replacements for the classes training code already imports.
 
-``from asteroid.losses import MixITLossWrapper`` becomes
-``from nrt_kernels.compat import MixITLossWrapper``; nothing else changes.
+``from asteroid.losses import MixITLossWrapper`` (or ``PITLossWrapper``) becomes
+``from nrt_kernels.compat import MixITLossWrapper`` (``PITLossWrapper``); nothing else changes.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from . import training
-from .losses import mixit_loss, noise_robust_loss
+from .build_config import PIT_MAX_EXHAUSTIVE_SOURCES, PIT_METRICS
+from .losses import mixit_loss, noise_robust_loss, pit_loss
 from .ops.mixit_gram import metric_row_loss, mixture_statistics
-from .validate import METRICS, NOISE_ROBUST_TERMS
+from .validate import METRICS, NOISE_ROBUST_TERMS, SDR_METRICS
 
 
 class SingleSrcL1(nn.Module):
@@ -149,6 +150,111 @@ class MixITLossWrapper(nn.Module):
 
 # iSeparate's random pairing forms mixture 0 from perm[:2] and mixture 1 from perm[2:], whatever the stem count.
 ISEPARATE_FIRST_MIXTURE_SIZE = 2
+
+
+# asteroid's find_best_perm scores every permutation up to this many sources, scipy's Hungarian above.
+ASTEROID_FACTORIAL_MAX = 3
+# asteroid's loss classes that PIT fuses, per pit_from mode: the class name and the metric it computes.
+_PIT_FUSABLE = {
+    "pw_mtx": {"PairwiseNegSDR": "sdr", "PairwiseMSE": "mse"},
+    "pw_pt": {"SingleSrcNegSDR": "sdr", "SingleSrcMSE": "mse"},
+    # asteroid's MultiSrcMSE is SingleSrcMSE: over (B, n, *) it is the mean of the matched pairs' MSE.
+    "perm_avg": {"MultiSrcNegSDR": "sdr", "SingleSrcMSE": "mse"},
+}
+
+
+def _pit_options(loss_func, pit_from: str):
+    """The :func:`pit_loss` options that compute what asteroid's ``PITLossWrapper(loss_func, pit_from)`` does, or
+    None. asteroid's classes are recognised by class name and attributes (asteroid is never imported), then
+    checked on a small input against the reference, so a different class of the same name is not fused."""
+    from . import reference  # the probe's expected values; the fused path never imports it
+
+    if isinstance(loss_func, str):
+        return {"metric": loss_func} if loss_func in PIT_METRICS else None
+    kind = _PIT_FUSABLE[pit_from].get(type(loss_func).__name__)
+    if kind == "mse":
+        options = {"metric": "mse"}
+    elif kind == "sdr":
+        sdr_type, zero_mean, eps = (getattr(loss_func, name, None) for name in ("sdr_type", "zero_mean", "EPS"))
+        if (sdr_type not in SDR_METRICS or not isinstance(zero_mean, bool) or getattr(loss_func, "take_log", None)
+                is not True or getattr(loss_func, "reduction", "none") != "none" or not isinstance(eps, float)
+                or not eps >= 0):
+            return None
+        options = {"metric": sdr_type, "zero_mean": zero_mean, "eps": eps}
+    else:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    est = torch.randn(3, 2, 64, generator=generator, dtype=torch.float64)
+    targets = torch.randn(3, 2, 64, generator=generator, dtype=torch.float64)
+    expected = reference.pairwise_losses(est, targets, **options)
+    try:
+        with torch.no_grad():
+            if pit_from == "pw_mtx":
+                value = loss_func(est, targets)
+            elif pit_from == "pw_pt":
+                value = reference.get_pw_losses(loss_func, est, targets)
+            else:
+                value, expected = loss_func(est, targets), expected.diagonal(dim1=1, dim2=2).mean(1)
+    except Exception:
+        return None
+    if not (isinstance(value, torch.Tensor) and value.shape == expected.shape and torch.allclose(value, expected)):
+        return None
+    return options
+
+
+class PITLossWrapper(nn.Module):
+    """asteroid's ``PITLossWrapper(loss_func, pit_from="pw_mtx", perm_reduce=None)``, fused for its SDR and MSE losses.
+
+    ``forward(est_targets, targets, return_est=False, reduce_kwargs=None, **kwargs)`` returns what asteroid returns:
+    the batch mean of each row's best-permutation loss and, with ``return_est``, the reordered estimates.
+    Fused (one pass, the permutation search on the device, no host sync, any number of sources up to
+    ``nrt_kernels.build_config.PIT_MAX_SOURCES`` instead of asteroid's 9): asteroid's ``PairwiseNegSDR`` instances
+    (``pairwise_neg_sisdr``, ``_sdsdr``, ``_snr``, any ``zero_mean`` / ``EPS``) and ``PairwiseMSE`` with
+    ``pit_from="pw_mtx"``, ``SingleSrcNegSDR`` / ``SingleSrcMSE`` with ``"pw_pt"``, ``MultiSrcNegSDR`` /
+    ``MultiSrcMSE`` with ``"perm_avg"``, and the metric names of :func:`nrt_kernels.pit_loss`. Like asteroid, up to
+    3 sources every permutation is scored (ties go to the first in ``itertools.permutations`` order; ``perm_avg``
+    up to 8) and above that the Hungarian algorithm runs (the loss is the same minimum; exact ties may pick a
+    different permutation than scipy). Any other loss, a ``perm_reduce``, or extra ``**kwargs`` run asteroid's
+    algorithm on the reference (``nrt_kernels.reference.pit_wrapper_loss``) with a one-time warning.
+    """
+
+    def __init__(self, loss_func, pit_from="pw_mtx", perm_reduce=None, impl="auto"):
+        super().__init__()
+        if pit_from not in ("pw_mtx", "pw_pt", "perm_avg"):
+            raise ValueError(f'pit_from must be one of ("pw_mtx", "pw_pt", "perm_avg"), got {pit_from!r}')
+        self.loss_func = loss_func
+        self.pit_from = pit_from
+        self.perm_reduce = perm_reduce
+        self.impl = impl
+        self.options = _pit_options(loss_func, pit_from)
+        self._warned = False
+
+    def forward(self, est_targets, targets, return_est=False, reduce_kwargs=None, **kwargs):
+        num_sources = targets.shape[1]
+        if isinstance(self.loss_func, str) and kwargs:
+            raise TypeError(f"the {self.loss_func!r} loss takes no extra keyword arguments, got {sorted(kwargs)}")
+        if self.options is not None and self.perm_reduce is None and not kwargs:
+            exhaustive_max = PIT_MAX_EXHAUSTIVE_SOURCES if self.pit_from == "perm_avg" else ASTEROID_FACTORIAL_MAX
+            solver = "exhaustive" if num_sources <= exhaustive_max else "hungarian"
+            return pit_loss(est_targets, targets, return_est=return_est, solver=solver, impl=self.impl,
+                            **self.options)
+        if not self._warned:
+            reason = (f"a perm_reduce ({self.perm_reduce!r})" if self.perm_reduce is not None else
+                      f"extra loss arguments {sorted(kwargs)}" if self.options is not None else repr(self.loss_func))
+            warnings.warn(f"nrt_kernels fuses asteroid's PairwiseNegSDR/PairwiseMSE (and single-source, perm_avg "
+                          f"versions); {reason} runs asteroid's PIT algorithm on the reference", stacklevel=2)
+            self._warned = True
+        if num_sources >= 10:
+            raise ValueError(f"asteroid's PIT algorithm supports fewer than 10 sources, got {num_sources}; the fused "
+                             "losses (nrt_kernels.pit_loss metrics) have no such limit")
+        from . import reference  # asteroid's algorithm with the user's loss
+
+        loss_func, pit_from = self.loss_func, self.pit_from
+        if isinstance(loss_func, str):  # a metric name with a perm_reduce: its pairwise matrix
+            loss_func, pit_from = functools.partial(reference.pairwise_losses, **self.options), "pw_mtx"
+        return reference.pit_wrapper_loss(loss_func, pit_from, est_targets, targets,
+                                          perm_reduce=self.perm_reduce, return_est=return_est,
+                                          reduce_kwargs=reduce_kwargs, **kwargs)
 
 
 def _teacher_separate(ema_model):

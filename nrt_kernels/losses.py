@@ -6,11 +6,13 @@ from torch import nn
 
 from . import backends
 from .ops import noise_robust_l1 as noise_robust_op
+from .ops import pit as pit_op
 from .ops._operands import common_dtype, fused_operand
 from .ops import mixit_gram as mixit_gram_op
 from .ops.mixit_l1 import mixit_l1_loss
-from .ops.noise_robust_l1.composed import Composition, composed_loss
+from .ops.noise_robust_l1.composed import composed_loss
 from .validate import NOISE_ROBUST_TERMS, check_mixit_inputs, check_noise_robust_inputs, check_pairing_option
+from .validate import check_pit_inputs
 
 
 def _reference():
@@ -112,8 +114,8 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
         source_weights: optional (S,) weights of the sources in the l1 and teacher terms (finite, >= 0, not all
             0; values checked for lists and CPU tensors).
         return_terms: also return ``{term name: detached value}`` of the computed terms.
-        impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the C++ MixIT op with
-            the other terms in PyTorch) or "reference".  Targets, teacher targets or source weights that require
+        impl: "auto", "triton" (one fused op; "cuda" runs the same Triton kernel), "cpu" (the fused C++ op) or
+            "reference".  Targets, teacher targets or source weights that require
             grad take the composed path (the backend's MixIT op, the other terms in PyTorch), which differentiates
             them too.
 
@@ -146,11 +148,10 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     scales = {name: weight / divisor for name, weight in active.items()}
     # The permutation is drawn only when the MixIT term runs, so the global generator advances like iSeparate's.
     rows = noise_robust_op.draw_pairing(pairing, batch, num_sources) if "mixit" in active else None
-    implementation = backends.lookup(noise_robust_op.OP, backend)
     # The fused kernels differentiate est only; autograd differentiates the composition in everything else.
     other_grad = (targets.requires_grad or ("teacher" in active and teacher_targets.requires_grad)
                   or (isinstance(source_weights, torch.Tensor) and source_weights.requires_grad))
-    if isinstance(implementation, Composition) or (other_grad and torch.is_grad_enabled()):
+    if other_grad and torch.is_grad_enabled():
         loss, terms = composed_loss(est, targets, teacher_targets, scales, rows, source_weights, backend,
                                     _first_mixture_size)
         return (loss, {name: value.detach() for name, value in terms.items()}) if return_terms else loss
@@ -159,7 +160,7 @@ def noise_robust_loss(est, targets, *, version="v1", weights, teacher_targets=No
     flat_est = fused_operand(est, dtype)
     flat_teacher = fused_operand(teacher_targets, dtype) if "teacher" in active else flat_est.new_empty(0)
     masks = noise_robust_op.pair_masks(rows, batch, num_sources, est.device, _first_mixture_size)
-    loss, term_values, _ = noise_robust_op.noise_robust_l1(
+    loss, term_values, _ = noise_robust_op.noise_robust_l1_loss(
         flat_est, fused_operand(targets, dtype), flat_teacher, masks,
         noise_robust_op.normalized_source_weights(source_weights, dtype, est.device),
         [scales.get(name, 0.0) for name in noise_robust_op.TERM_NAMES], 1.0, backend)
@@ -186,3 +187,58 @@ class NoiseRobustLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"version={self.version!r}, normalize={self.normalize!r}, impl={self.impl!r}"
+
+
+def pit_loss(est, targets, *, metric="sisdr", reduction="mean", return_est=False, return_perm=False, solver="auto",
+             impl="auto", zero_mean=True, eps=1e-8, max_snr=30.0):
+    """Permutation invariant loss: per row, the best matching of estimates to targets under a pairwise metric.
+
+    ``P[b, i, j] = metric(est[b, i], targets[b, j])``; a row's loss is ``min over permutations p of
+    mean_j P[b, p[j], j]``. The gradient flows through the chosen permutation only.
+
+    Args:
+        est: (B, M, *) estimated sources; trailing dims are flattened into one signal.
+        targets: (B, M, *) target sources.
+        metric: "sisdr", "sdsdr", "snr" (asteroid's ``PairwiseNegSDR``: negative SDR in dB), "mse" (asteroid's
+            ``PairwiseMSE``), "l1" (mean absolute error) or "log_mse" (the MixIT paper's thresholded log-MSE,
+            ``10 log10(||t - e||^2 + tau ||t||^2 + 1e-8)``, ``tau = 10**(-max_snr / 10)``).
+        reduction: "mean" over rows, or "none" for the (B,) row losses.
+        return_est: also return the reordered estimates (B, M, *), ``est[b, perm[b]]``.
+        return_perm: also return (B, M) int64, the est index matched to each target (asteroid's batch_indices).
+        solver: "exhaustive" (every permutation, M <= 8; ties go to the first in ``itertools.permutations``
+            order), "hungarian" (exact linear assignment, M <= 32; ties may resolve differently, the loss is the
+            same minimum) or "auto" (exhaustive up to 3 sources, as asteroid; Hungarian above).
+        impl: "auto", "triton", "cpu" or "reference".
+        zero_mean, eps: the SDR metrics' mean removal and asteroid's EPS (target energy, noise energy, log).
+        max_snr: log-MSE's threshold in dB.
+
+    Returns:
+        ``loss``, or a tuple ``(loss, est?, perm?)`` in that order. The loss is float32 for float16/bfloat16/
+        float32 inputs on the fused paths, float64 for float64. A row whose pairwise matrix has a non-finite
+        entry gets a NaN loss and the identity permutation.
+    """
+    check_pit_inputs(est, targets, metric=metric, solver=solver, reduction=reduction, zero_mean=zero_mean, eps=eps,
+                     max_snr=max_snr)
+    backend = backends.resolve(pit_op.OP, impl, est.device.type)
+    options = dict(metric=metric, reduction=reduction, return_est=return_est, return_perm=return_perm,
+                   solver=solver, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
+    if backend == "reference":
+        return _reference().pit_loss(est, targets, **options)
+    backends.check_autograd_transforms(pit_op.OP, est, targets)
+    return pit_op.pit_loss(est, targets, backend, **options)
+
+
+class PITLoss(nn.Module):
+    """Module form of :func:`pit_loss`; the keyword arguments are fixed at construction."""
+
+    def __init__(self, *, metric="sisdr", reduction="mean", return_est=False, return_perm=False, solver="auto",
+                 impl="auto", zero_mean=True, eps=1e-8, max_snr=30.0):
+        super().__init__()
+        self.options = dict(metric=metric, reduction=reduction, return_est=return_est, return_perm=return_perm,
+                            solver=solver, impl=impl, zero_mean=zero_mean, eps=eps, max_snr=max_snr)
+
+    def forward(self, est, targets):
+        return pit_loss(est, targets, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

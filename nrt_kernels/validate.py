@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .assignments import GRAM_MAX_CANDIDATES, MAX_CANDIDATES, MAX_SOURCES, PARTITION_MODES, num_candidates
-from .build_config import GRAM_MAX_SOURCES, GRAM_METRIC_CODES
+from .build_config import GRAM_MAX_SOURCES, GRAM_METRIC_CODES, PIT_MAX_EXHAUSTIVE_SOURCES, PIT_MAX_SOURCES, PIT_METRICS
 
 REDUCTIONS = ("mean", "none")
 # "l1" runs the subset-sum kernels; the others are bilinear in the signals and run through one Gram pass.
@@ -149,7 +149,9 @@ def check_noise_robust_inputs(est, targets, teacher_targets=None, *, version="v1
     if weights is None or len(weights) != len(names):
         raise ValueError(f"version {version!r} needs {len(names)} weights for the terms {names}, got {weights!r}")
     for name, weight in zip(names, weights):
-        if isinstance(weight, torch.Tensor) or not isinstance(weight, numbers.Real):
+        # The type test first: an ABC instance check costs microseconds, a lot for a loss call on small inputs.
+        if type(weight) not in (int, float) and (isinstance(weight, torch.Tensor)
+                                                 or not isinstance(weight, numbers.Real)):
             raise TypeError(f"weights must be Python numbers, got {type(weight).__name__} for the {name} term")
         if not weight >= 0 or weight == float("inf"):
             raise ValueError(f"weights must be finite and >= 0, got {weight!r} for the {name} term")
@@ -219,3 +221,57 @@ def check_pairing(pairing: torch.Tensor, batch: int, num_sources: int, device: t
         expected = torch.arange(num_sources).expand(pairing.shape)
         if not torch.equal(pairing.sort(dim=-1).values.to(torch.int64), expected):
             raise ValueError(f"pairing must be a permutation of 0..{num_sources - 1} (per row), got {pairing.tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# PIT: est and targets (B, M, *), a pairwise metric, a permutation solver.
+# ----------------------------------------------------------------------------------------------
+
+SDR_METRICS = ("sisdr", "sdsdr", "snr")
+PIT_SOLVERS = ("auto", "exhaustive", "hungarian")
+
+
+def check_pit_inputs(est, targets, *, metric="sisdr", solver="auto", reduction="mean", zero_mean=True, eps=1e-8,
+                     max_snr=30.0) -> None:
+    """Raise TypeError/ValueError naming the problem; return nothing when the call is valid."""
+    for name, tensor in (("est", est), ("targets", targets)):
+        check_float_tensor(name, tensor)
+        if tensor.ndim < 3:
+            raise ValueError(f"{name} must have shape (batch, sources, *trailing) with at least one trailing dim, "
+                             f"got shape {tuple(tensor.shape)}")
+    check_choice("metric", metric, PIT_METRICS)
+    check_choice("solver", solver, PIT_SOLVERS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if est.device != targets.device:
+        raise ValueError(f"est and targets must be on the same device, got {est.device} and {targets.device}")
+    if est.shape[0] != targets.shape[0]:
+        raise ValueError(f"batch mismatch: est has {est.shape[0]} rows, targets has {targets.shape[0]}")
+    if est.shape[1] != targets.shape[1]:
+        raise ValueError(f"PIT needs as many estimates as targets: est has {est.shape[1]} sources, targets has "
+                         f"{targets.shape[1]}")
+    if est.shape[2:] != targets.shape[2:]:
+        raise ValueError(f"trailing dims mismatch: est has {tuple(est.shape[2:])}, targets has "
+                         f"{tuple(targets.shape[2:])}")
+    if est.numel() == 0:
+        raise ValueError(f"empty input: est has shape {tuple(est.shape)}")
+    num_sources = est.shape[1]
+    if num_sources > PIT_MAX_SOURCES:
+        raise ValueError(f"at most {PIT_MAX_SOURCES} sources are supported, got {num_sources}")
+    if solver == "exhaustive" and num_sources > PIT_MAX_EXHAUSTIVE_SOURCES:
+        raise ValueError(f'solver="exhaustive" scores all {num_sources}! permutations and supports at most '
+                         f'{PIT_MAX_EXHAUSTIVE_SOURCES} sources, got {num_sources}; use solver="hungarian" (exact, any '
+                         f'M up to {PIT_MAX_SOURCES}) or "auto"')
+    for name, value in (("eps", eps), ("max_snr", max_snr)):
+        if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real) \
+                or value != value or abs(value) == float("inf"):
+            raise TypeError(f"{name} must be a finite Python number, got {value!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not isinstance(zero_mean, bool):
+        raise TypeError(f"zero_mean must be True or False, got {zero_mean!r}")
+    # Options that a metric does not read: a non-default value is a mistake worth saying.
+    if metric not in SDR_METRICS and (zero_mean is not True or eps != 1e-8):
+        raise ValueError(f"zero_mean and eps apply to the SDR metrics {SDR_METRICS} only, got zero_mean="
+                         f"{zero_mean!r}, eps={eps!r} with metric={metric!r}")
+    if metric != "log_mse" and max_snr != 30.0:
+        raise ValueError(f'max_snr applies to metric="log_mse" only, got max_snr={max_snr!r} with metric={metric!r}')

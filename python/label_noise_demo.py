@@ -1,21 +1,26 @@
-"""Does the noise-robust V1 loss make training robust to noisy stems?  A CPU-sized experiment.
+"""Does the noise-robust loss make training robust to noisy stems?  A CPU-sized experiment.
 
 Synthetic 4-stem "music" at 8 kHz (a harmonic bass line, a harmonic lead with vibrato, band-limited noise
 bursts, percussive clicks) is corrupted the way SDX23's label-noise training data is: stems bleed into each
 other, labels are swapped, stems are silenced, and the training mixture is the sum of the corrupted stems.
-A small mask-based conv separator (a tiny Conv-TasNet) is trained from the same initialisation with
+A small mask-based conv separator (a tiny Conv-TasNet) is trained, for each seed from the same initialisation
+and with the same batches, with
 
-  (a) plain L1 against the noisy stems,
-  (b) iSeparate-SDX's V1 recipe: nrt_kernels.NoiseRobustLoss("v1") with the EMA mean teacher and
-      LossSchedule.v1(), its 300 epochs compressed to the run's length,
-  (c) optionally, plain L1 against the clean stems (the no-noise ceiling; --no-oracle skips it),
+  V1        iSeparate-SDX's V1 recipe: NoiseRobustLoss("v1"), the EMA mean teacher, LossSchedule.v1() with its
+            300 epochs compressed into the run's steps,
+  V2        the V2 recipe: NoiseRobustLoss("v2"), the teacher separating the output mixture, LossSchedule.v2()
+            (70 epochs) compressed likewise,
+  plain L1  L1 against the noisy stems, for the same number of steps and then on until it has trained as long
+            (wall clock, evaluations excluded) as V1: the compute-matched baseline,
+  plain L1, clean stems   the no-noise ceiling,
 
 and evaluated by SDR against clean held-out stems.
 
-    python python/label_noise_demo.py                 # a few minutes on 2 cores
-    python python/label_noise_demo.py --quick         # smoke run, under a minute
+    python python/label_noise_demo.py                 # seeds 0 1 2, about 40 minutes on a busy 2-core machine
+    python python/label_noise_demo.py --quick         # smoke run (one seed, 80 steps), about a minute
 
-Writes results.json, sdr.png (SDR over training and per stem) and losses.png (each loss term over training)
+Writes results.json (every number, the loss histories included; --replot redraws from it), sdr.png (SDR over
+training and per stem, mean and spread over the seeds) and losses.png (each loss term over training, first seed)
 to --out.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,12 +39,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nrt_kernels  # noqa: E402
-from nrt_kernels.training import EMATeacher, LossSchedule, teacher_targets_v1  # noqa: E402
+from nrt_kernels.training import EMATeacher, LossSchedule, teacher_targets_v1, teacher_targets_v2  # noqa: E402
+from nrt_kernels.validate import NOISE_ROBUST_TERMS  # noqa: E402
 
 STEMS = ("bass", "lead", "noise", "clicks")
 SAMPLE_RATE = 8000
-# The V1 loss terms, in NoiseRobustLoss(version="v1")'s weight order.
-V1_TERMS = ("l1", "mixit", "teacher")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,130 +205,219 @@ def evaluate(model: nn.Module, mixtures: torch.Tensor, clean: torch.Tensor, batc
 # ----------------------------------------------------------------------------------------------
 
 
-def train(name, recipe, data, test, args, init_state):
-    """Train one separator; returns its history (loss terms, SDR curve) and final per-stem SDR."""
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    loss: str  # "l1", "v1" or "v2"
+    clean: bool = False  # train on the clean stems (the ceiling) instead of the noisy ones
+    match: str | None = None  # a recipe whose training time this one continues to (plain L1 given V1's time)
+
+
+RECIPES = (
+    Recipe("V1", "v1"),
+    Recipe("V2", "v2"),
+    Recipe("plain L1", "l1", match="V1"),
+    Recipe("plain L1, clean stems", "l1", clean=True),
+)
+
+
+def train(recipe: Recipe, data, test, args, init_state, seed: int, match_seconds: float | None = None):
+    """Train one separator for ``args.steps`` steps, or, with ``match_seconds``, on until its training time
+    (evaluations excluded) reaches ``match_seconds``.  Returns its results (plain data, as results.json holds
+    them): the final per-stem SDR, for a matched run also the SDR after ``args.steps`` steps (the same run up to
+    there), the SDR curve and the history of every loss term (None on steps that do not compute it)."""
     from tqdm import tqdm
 
-    torch.manual_seed(args.seed + 1)  # batches and MixIT pairings: the same draws for every recipe
+    torch.manual_seed(seed + 1)  # batches and MixIT pairings: the same draws for every recipe of a seed
     model = TinySeparator()
     model.load_state_dict(init_state)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     mixtures, targets = data
     test_mixtures, test_clean = test
-    history = {"step": [], "terms": {}, "weights": [], "eval_step": [], "eval_sdr": []}
-    if recipe == "v1":
-        criterion = nrt_kernels.NoiseRobustLoss(version="v1", impl="auto")
-        schedule = LossSchedule.v1()
+    noise_robust = recipe.loss != "l1"
+    term_names = NOISE_ROBUST_TERMS[recipe.loss] if noise_robust else ()  # plain L1: the loss is its only term
+    if noise_robust:
+        criterion = nrt_kernels.NoiseRobustLoss(version=recipe.loss, impl="auto")
+        # iSeparate's schedule (V1: 300 epochs, V2: 70) compressed into the run: one "epoch" per step.
+        schedule = getattr(LossSchedule, recipe.loss)().compressed(args.steps)
         teacher = EMATeacher(model, decay=args.ema_decay)
-    term_names = list(V1_TERMS) if recipe == "v1" else ["l1"]
-    history["terms"] = {"loss": [], **{term: [] for term in term_names}}
+        make_teacher_targets = teacher_targets_v1 if recipe.loss == "v1" else teacher_targets_v2
+    history = {"step": [], "terms": {"loss": [], **{term: [] for term in term_names}}, "weights": []}
+    result = {"eval_step": [], "eval_sdr": [], "history": history}
     eval_every = max(1, args.steps // args.evals)
-    begin = time.perf_counter()
-    for step in tqdm(range(args.steps), desc=f"{name:>16}", unit="step",
-                     dynamic_ncols=True):
+    total_steps, seconds = args.steps, 0.0
+    progress = tqdm(total=total_steps, desc=f"seed {seed} {recipe.name:>21}", unit="step", dynamic_ncols=True)
+    step = 0
+    while step < total_steps:
+        begin = time.perf_counter()
         index = torch.randint(0, len(mixtures), (args.batch,))
         mixture, target = mixtures[index], targets[index]
         est = model(mixture)
-        if recipe == "v1":
-            # The 300 epochs of iSeparate's V1 run, compressed into this run's steps (100 per phase).
-            epoch = 1 + (step * args.epochs) // args.steps
-            phase = schedule(epoch, step)
-            teacher_out = teacher_targets_v1(teacher.separate, target) if phase.teacher else None
+        if noise_robust:
+            phase = schedule(step + 1, step)
+            teacher_out = make_teacher_targets(teacher.separate, target if recipe.loss == "v1" else est) \
+                if phase.teacher else None
             loss, terms = criterion(est, target, weights=phase.weights, teacher_targets=teacher_out,
                                     return_terms=True)
             history["weights"].append(list(phase.weights))
         else:
-            loss = (est - target).abs().mean()
-            terms = {"l1": loss.detach()}
+            loss, terms = (est - target).abs().mean(), {}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
-        if recipe == "v1":
+        if noise_robust:
             teacher.update(model)
+        seconds += time.perf_counter() - begin
+        step += 1
+        progress.update()
         history["step"].append(step)
         history["terms"]["loss"].append(float(loss.detach()))
         for term in term_names:
-            history["terms"][term].append(float(terms[term]) if term in terms else math.nan)
-        if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-            history["eval_step"].append(step + 1)
-            history["eval_sdr"].append(evaluate(model, test_mixtures, test_clean).tolist())
-    history["seconds"] = time.perf_counter() - begin
-    final = evaluate(model, test_mixtures, test_clean)
-    result = {"sdr_per_stem": dict(zip(STEMS, final.tolist())), "sdr_mean": float(final.mean())}
-    if recipe == "v1":
-        result["teacher_sdr_mean"] = float(evaluate(teacher.model, test_mixtures, test_clean).mean())
-    return history, result
+            history["terms"][term].append(float(terms[term]) if term in terms else None)
+        if step % eval_every == 0 or step in (args.steps, total_steps):
+            result["eval_step"].append(step)
+            result["eval_sdr"].append(evaluate(model, test_mixtures, test_clean).tolist())
+        if step == args.steps and match_seconds is not None:
+            result["at_steps"] = {"steps": step, "seconds": seconds,
+                                  "sdr_per_stem": dict(zip(STEMS, result["eval_sdr"][-1]))}
+            total_steps = max(args.steps, round(args.steps * match_seconds / seconds))
+            progress.total = total_steps
+            progress.refresh()
+    progress.close()
+    result.update(steps=step, seconds=seconds, sdr_per_stem=dict(zip(STEMS, result["eval_sdr"][-1])))
+    if noise_robust:
+        result["teacher_sdr_per_stem"] = dict(zip(STEMS, evaluate(teacher.model, test_mixtures, test_clean).tolist()))
+    return result
 
 
-def smooth(values, window):
-    out, total, count, queue = [], 0.0, 0, []
-    for value in values:
-        queue.append(value)
-        if not math.isnan(value):
-            total += value
-            count += 1
-        if len(queue) > window:
-            old = queue.pop(0)
-            if not math.isnan(old):
-                total -= old
-                count -= 1
-        out.append(total / count if count else math.nan)
-    return out
+# ----------------------------------------------------------------------------------------------
+# Summaries and plots
+# ----------------------------------------------------------------------------------------------
 
 
-def plot(out: Path, runs: dict, mixture_sdr: list, args) -> None:
+def rows_of(runs: dict) -> dict:
+    """{row label: [per-stem SDR dict, one per seed]}: every recipe's final result, plain L1's result after
+    the same number of steps as V1, and the teachers'."""
+    rows = {}
+    for name, per_seed in runs.items():
+        first = per_seed[0]
+        if "at_steps" in first:
+            rows[f"{name}, {first['at_steps']['steps']} steps"] = [r["at_steps"]["sdr_per_stem"] for r in per_seed]
+            rows[f"{name}, V1's time"] = [r["sdr_per_stem"] for r in per_seed]
+        else:
+            rows[name] = [r["sdr_per_stem"] for r in per_seed]
+        if "teacher_sdr_per_stem" in first:
+            rows[f"{name}'s EMA teacher"] = [r["teacher_sdr_per_stem"] for r in per_seed]
+    return rows
+
+
+def mean_and_spread(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def smooth(steps, values, window):
+    """Moving mean over the last ``window`` steps of the values a term has (None: not computed on that step),
+    at the steps where it has one.  A term computed every 2nd step is drawn through its own points."""
+    xs, ys, queue, total = [], [], [], 0.0
+    for step, value in zip(steps, values):
+        if value is None:
+            continue
+        queue.append((step, value))
+        total += value
+        while queue[0][0] <= step - window:
+            total -= queue.pop(0)[1]
+        xs.append(step)
+        ys.append(total / len(queue))
+    return xs, ys
+
+
+def plot(out: Path, summary: dict) -> None:
+    """sdr.png and (when the results hold the loss histories) losses.png from results.json's contents."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_curve, ax_stems) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name, (history, result) in runs.items():
-        mean_curve = [sum(values) / len(values) for values in history["eval_sdr"]]
-        ax_curve.plot(history["eval_step"], mean_curve, marker="o", markersize=3,
-                      label=f"{name}: {result['sdr_mean']:.2f} dB")
+    args, runs = summary["args"], summary["runs"]
+    mixture_sdr = list(summary["mixture_sdr_per_stem"].values())
+    color = {recipe.name: f"C{index}" for index, recipe in enumerate(RECIPES)}
+    seeds = len(args["seeds"])
+    spread_label = f"mean and min-max of {seeds} seeds" if seeds > 1 else f"seed {args['seeds'][0]}"
+    fig, (ax_curve, ax_stems) = plt.subplots(1, 2, figsize=(14, 5))
+    for name, per_seed in runs.items():
+        # A matched run stops at a different step for each seed: the curve joins the steps every seed reached,
+        # and each seed's last evaluation is a point of its own.
+        steps = sorted(set.intersection(*(set(result["eval_step"]) for result in per_seed)))
+        curves = [[sum(v) / len(v) for step, v in zip(result["eval_step"], result["eval_sdr"]) if step in steps]
+                  for result in per_seed]
+        mean = [sum(curve[i] for curve in curves) / seeds for i in range(len(steps))]
+        finals = [sum(result["sdr_per_stem"].values()) / len(STEMS) for result in per_seed]
+        last_steps = sorted({result["steps"] for result in per_seed})
+        at = f"step {last_steps[0]}" if len(last_steps) == 1 else f"steps {last_steps[0]}-{last_steps[-1]}"
+        ax_curve.plot(steps, mean, marker="o", markersize=3, color=color[name],
+                      label=f"{name}: {mean_and_spread(finals)[0]:.2f} dB at {at}")
+        if len(last_steps) > 1:
+            ax_curve.scatter([result["steps"] for result in per_seed], finals, marker="x", color=color[name])
+        if seeds > 1:
+            ax_curve.fill_between(steps, [min(c[i] for c in curves) for i in range(len(steps))],
+                                  [max(c[i] for c in curves) for i in range(len(steps))], color=color[name],
+                                  alpha=0.15, linewidth=0)
     ax_curve.axhline(sum(mixture_sdr) / len(mixture_sdr), color="gray", linestyle=":",
-                     label="mixture as every stem")
+                     label="the mixture as every stem")
+    ax_curve.axvline(args["steps"], color="gray", linestyle="--", linewidth=1)
     ax_curve.set_xlabel("training step")
     ax_curve.set_ylabel("mean SDR on clean held-out stems (dB)")
-    ax_curve.set_title("SDR over training")
+    ax_curve.set_title(f"SDR over training ({spread_label})")
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize="small")
-    width = 0.8 / max(1, len(runs))
-    for index, (name, (_, result)) in enumerate(runs.items()):
-        xs = [s + (index - (len(runs) - 1) / 2) * width for s in range(len(STEMS))]
-        ax_stems.bar(xs, [result["sdr_per_stem"][stem] for stem in STEMS], width, label=name)
+
+    rows = {label: values for label, values in rows_of(runs).items() if not label.endswith("EMA teacher")}
+    width = 0.8 / len(rows)
+    for index, (label, per_seed) in enumerate(rows.items()):
+        recipe = max((name for name in runs if label.startswith(name)), key=len)
+        xs = [s + (index - (len(rows) - 1) / 2) * width for s in range(len(STEMS))]
+        stats = [mean_and_spread([values[stem] for values in per_seed]) for stem in STEMS]
+        ax_stems.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats] if seeds > 1 else None,
+                     capsize=2, label=label, color=color[recipe], edgecolor="white",
+                     hatch="//" if label.endswith("V1's time") else None)
     ax_stems.set_xticks(range(len(STEMS)))
     ax_stems.set_xticklabels(STEMS)
     ax_stems.set_ylabel("final SDR (dB)")
-    ax_stems.set_title("per stem, end of training")
+    ax_stems.set_title("per stem, end of training" + (f" (mean, std of {seeds} seeds)" if seeds > 1 else ""))
     ax_stems.grid(axis="y", alpha=0.3)
     ax_stems.legend(fontsize="small")
-    fig.suptitle(f"label-noise demo: {args.steps} steps, batch {args.batch}, seed {args.seed}", fontsize="medium")
+    fig.suptitle(f"label-noise demo: {args['steps']} steps of batch {args['batch']} (plain L1 on to V1's training "
+                 f"time), seed{'s' if seeds > 1 else ''} {', '.join(map(str, args['seeds']))}", fontsize="medium")
     fig.tight_layout()
     fig.savefig(out / "sdr.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.2), squeeze=False)
-    window = max(1, args.steps // 50)
-    for ax, (name, (history, _)) in zip(axes[0], runs.items()):
+    if not all("history" in per_seed[0] for per_seed in runs.values()):
+        return
+    # Loss terms of the first seed, one panel per recipe.
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.2), squeeze=False)
+    window = max(2, args["steps"] // 50)
+    for ax, (name, per_seed) in zip(axes[0], runs.items()):
+        history = per_seed[0]["history"]
         for term, values in history["terms"].items():
-            ax.plot(history["step"], smooth(values, window), label=term, linewidth=1.5 if term == "loss" else 1)
-        if history["weights"]:
-            # Shade the schedule's phases: where the weights change.
-            boundaries = [i for i in range(1, len(history["weights"]))
-                          if history["weights"][i] != history["weights"][i - 1]]
-            for i in boundaries:
-                ax.axvline(i, color="gray", linestyle="--", linewidth=1)
-                ax.text(i, 1.0, f" w={history['weights'][i]}", transform=ax.get_xaxis_transform(), va="top",
+            xs, ys = smooth(history["step"], values, window)
+            ax.plot(xs, ys, label=term, linewidth=1.5 if term == "loss" else 1)
+        weights = history["weights"]
+        if weights:
+            # The schedule's phases: where the weights change.
+            for i in [0] + [i for i in range(1, len(weights)) if weights[i] != weights[i - 1]]:
+                if i:
+                    ax.axvline(i, color="gray", linestyle="--", linewidth=1)
+                ax.text(i, 1.0, f" w={weights[i]}", transform=ax.get_xaxis_transform(), va="top",
                         fontsize="x-small", color="gray")
-            ax.text(0, 1.0, f" w={history['weights'][0]}", transform=ax.get_xaxis_transform(), va="top",
-                    fontsize="x-small", color="gray")
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"loss term (moving mean of {window} steps)")
-        ax.set_title(name)
+        ax.set_title(f"{name} (seed {args['seeds'][0]})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -334,30 +428,34 @@ def plot(out: Path, runs: dict, mixture_sdr: list, args) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "label_noise_demo"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer steps and examples (< 1 minute)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 1500, quick 80)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2, quick 0")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer steps and examples, one seed")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per recipe (default 1000, quick 80)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=4096, help="samples per example at 8 kHz (default 4096)")
     parser.add_argument("--train-examples", type=int, default=None, help="default 2048, quick 256")
     parser.add_argument("--test-examples", type=int, default=None, help="default 256, quick 64")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--evals", type=int, default=None, help="SDR evaluations during training (default 15)")
-    parser.add_argument("--epochs", type=int, default=300,
-                        help="V1 epochs the run stands for (default 300: 100 per schedule phase)")
+    parser.add_argument("--evals", type=int, default=None, help="SDR evaluations in --steps steps (default 15)")
     parser.add_argument("--ema-decay", type=float, default=None,
-                        help="teacher EMA decay (default: iSeparate's 0.9995 window of ~2000 of its ~90000 "
+                        help="teacher EMA decay (default: iSeparate's 0.9995 window of ~2000 of V1's ~90000 "
                              "iterations, scaled to this run's steps)")
     parser.add_argument("--bleed", type=float, default=0.4, help="probability that a stem bleeds (default 0.4)")
     parser.add_argument("--swap", type=float, default=0.3, help="probability that an example swaps two stems")
     parser.add_argument("--silence", type=float, default=0.15, help="probability that a stem is silenced")
-    parser.add_argument("--no-oracle", action="store_true", help="skip (c), plain L1 on the clean stems")
+    parser.add_argument("--recipes", nargs="+", default=[recipe.name for recipe in RECIPES],
+                        choices=[recipe.name for recipe in RECIPES], metavar="NAME",
+                        help=f"which recipes to train (default all: {', '.join(r.name for r in RECIPES)})")
+    parser.add_argument("--replot", metavar="RESULTS_JSON",
+                        help="train nothing: print the table and draw the figures of a results.json to --out")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the same arithmetic on every machine, and no thread "
                              "pool stalls when other processes share the cores)")
     args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
     if args.steps is None:
-        args.steps = 80 if args.quick else 1500
+        args.steps = 80 if args.quick else 1000
     if args.train_examples is None:
         args.train_examples = 256 if args.quick else 2048
     if args.test_examples is None:
@@ -367,66 +465,96 @@ def parse_args(argv=None):
     if args.ema_decay is None:
         window = max(5.0, args.steps * 2000 / (300 * 300))
         args.ema_decay = min(0.9995, 1 - 1 / window)
+    chosen = [recipe for recipe in RECIPES if recipe.name in args.recipes]
+    for recipe in chosen:
+        if recipe.match is not None and recipe.match not in args.recipes:
+            parser.error(f"{recipe.name!r} runs for {recipe.match}'s training time: add {recipe.match!r} to --recipes")
+    args.recipes = [recipe.name for recipe in chosen]
     return args
+
+
+def make_data(seed: int, args):
+    generator = torch.Generator().manual_seed(seed)
+    clean_train = make_stems(args.train_examples, args.length, generator)
+    noisy_train, noise_stats = corrupt(clean_train, generator, bleed=args.bleed, swap=args.swap, silence=args.silence)
+    test_clean = make_stems(args.test_examples, args.length, generator)
+    # SDX23: the training mixture is the sum of the (corrupted) stems the dataset ships.
+    return (noisy_train.sum(1), noisy_train), (clean_train.sum(1), clean_train), (test_clean.sum(1), test_clean), \
+        noise_stats
+
+
+def print_table(title: str, rows: dict, mixture_sdr: list, seconds: dict) -> None:
+    print(f"\n{title}")
+    print(f"  {'recipe':<26}" + "".join(f"{stem:>15}" for stem in STEMS) + f"{'mean':>15}{'train s':>9}")
+    print(f"  {'the mixture as every stem':<26}" + "".join(f"{v:>15.2f}" for v in mixture_sdr)
+          + f"{sum(mixture_sdr) / len(mixture_sdr):>15.2f}")
+    for label, per_seed in rows.items():
+        cells = [mean_and_spread([values[stem] for values in per_seed]) for stem in STEMS]
+        cells.append(mean_and_spread([sum(values.values()) / len(STEMS) for values in per_seed]))
+        text = "".join(f"{m:>9.2f} ±{s:>4.2f}" if len(per_seed) > 1 else f"{m:>15.2f}" for m, s in cells)
+        print(f"  {label:<26}{text}{seconds.get(label, ''):>9}")
+
+
+def report(summary: dict, out: Path) -> None:
+    """The table of results.json's contents, and the figures."""
+    args, runs = summary["args"], summary["runs"]
+    seconds = {}
+    for name, per_seed in runs.items():
+        first = per_seed[0]
+        label = f"{name}, V1's time" if "at_steps" in first else name
+        seconds[label] = f"{sum(r['seconds'] for r in per_seed) / len(per_seed):.0f}"
+        if "at_steps" in first:
+            seconds[f"{name}, {first['at_steps']['steps']} steps"] = \
+                f"{sum(r['at_steps']['seconds'] for r in per_seed) / len(per_seed):.0f}"
+            print(f"{name} on to V1's training time: {[r['steps'] for r in per_seed]} steps (seeds {args['seeds']})")
+    spread = f"mean ± std of seeds {args['seeds']}" if len(args["seeds"]) > 1 else f"seed {args['seeds'][0]}"
+    print_table(f"SDR (dB) on {args['test_examples']} clean held-out examples, higher is better ({spread}); "
+                "train s: mean training seconds, evaluations excluded", rows_of(runs),
+                list(summary["mixture_sdr_per_stem"].values()), seconds)
+    plot(out, summary)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    clean_train = make_stems(args.train_examples, args.length, generator)
-    noisy_train, noise_stats = corrupt(clean_train, generator, bleed=args.bleed, swap=args.swap, silence=args.silence)
-    test_clean = make_stems(args.test_examples, args.length, generator)
-    test_mixtures = test_clean.sum(1)
-    # SDX23: the training mixture is the sum of the (corrupted) stems the dataset ships.
-    noisy_data = (noisy_train.sum(1), noisy_train)
-    clean_data = (clean_train.sum(1), clean_train)
-    mixture_sdr = sdr(test_mixtures[:, None].expand_as(test_clean), test_clean).mean(0).tolist()
-
-    torch.manual_seed(args.seed)
-    init_state = TinySeparator().state_dict()
+    if args.replot:
+        report(json.loads(Path(args.replot).read_text()), out)
+        print(f"\nwrote the figures of {args.replot} to {out}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     parameters = sum(p.numel() for p in TinySeparator().parameters())
     print(f"label-noise demo: torch {torch.__version__}, nrt_kernels {nrt_kernels.__version__}, "
-          f"{torch.get_num_threads()} threads, seed {args.seed}")
+          f"{torch.get_num_threads()} threads, seeds {args.seeds}")
     print(f"data: {args.train_examples} training / {args.test_examples} held-out examples of 4 stems "
           f"({', '.join(STEMS)}), {args.length} samples at {SAMPLE_RATE} Hz")
-    print("label noise in the training stems: " + ", ".join(f"{k} {v}" for k, v in noise_stats.items()))
-    print(f"model: TinySeparator, {parameters} parameters; {args.steps} steps of batch {args.batch}, Adam lr {args.lr}")
+    print(f"model: TinySeparator, {parameters} parameters; {args.steps} steps of batch {args.batch}, "
+          f"Adam lr {args.lr}; V1 / V2: NoiseRobustLoss + EMATeacher(decay={args.ema_decay:.4f}) + "
+          f"LossSchedule.v1() / .v2() compressed into the steps; plain L1 trains on to V1's training time")
 
-    recipes = [("plain L1 (noisy)", "l1", noisy_data), ("V1 (noisy)", "v1", noisy_data)]
-    print(f"V1: NoiseRobustLoss('v1') + EMATeacher(decay={args.ema_decay:.4f}) + LossSchedule.v1(), "
-          f"{args.epochs} epochs compressed into {args.steps} steps")
-    if not args.no_oracle:
-        recipes.append(("plain L1 (clean)", "l1", clean_data))
-
-    runs = {}
-    for name, recipe, data in recipes:
-        runs[name] = train(name, recipe, data, (test_mixtures, test_clean), args, init_state)
-
-    print()
-    print(f"SDR (dB) on {args.test_examples} clean held-out examples, higher is better:")
-    header = f"  {'recipe':<18}" + "".join(f"{stem:>9}" for stem in STEMS) + f"{'mean':>9}{'train s':>9}"
-    print(header)
-    print(f"  {'mixture as stem':<18}" + "".join(f"{v:>9.2f}" for v in mixture_sdr)
-          + f"{sum(mixture_sdr) / len(mixture_sdr):>9.2f}")
-    for name, (history, result) in runs.items():
-        print(f"  {name:<18}" + "".join(f"{result['sdr_per_stem'][stem]:>9.2f}" for stem in STEMS)
-              + f"{result['sdr_mean']:>9.2f}{history['seconds']:>9.0f}")
-        if "teacher_sdr_mean" in result:
-            print(f"  {'  its EMA teacher':<18}" + " " * 9 * len(STEMS) + f"{result['teacher_sdr_mean']:>9.2f}")
-    plot(out, runs, mixture_sdr, args)
-    summary = {
-        "args": vars(args), "torch": torch.__version__, "label_noise": noise_stats,
-        "mixture_sdr_per_stem": dict(zip(STEMS, mixture_sdr)),
-        "runs": {name: {**result, "seconds": history["seconds"], "eval_step": history["eval_step"],
-                        "eval_sdr_mean": [sum(v) / len(v) for v in history["eval_sdr"]]}
-                 for name, (history, result) in runs.items()},
-    }
+    recipes = [recipe for recipe in RECIPES if recipe.name in args.recipes]
+    runs = {recipe.name: [] for recipe in recipes}
+    label_noise, mixture_sdrs = {}, []
+    for seed in args.seeds:
+        noisy_data, clean_data, test, noise_stats = make_data(seed, args)
+        label_noise[seed] = noise_stats
+        print(f"seed {seed}: label noise in the training stems: "
+              + ", ".join(f"{k} {v}" for k, v in noise_stats.items()))
+        mixture_sdrs.append(sdr(test[0][:, None].expand_as(test[1]), test[1]).mean(0).tolist())
+        torch.manual_seed(seed)
+        init_state = TinySeparator().state_dict()
+        for recipe in recipes:
+            match_seconds = runs[recipe.match][-1]["seconds"] if recipe.match else None
+            runs[recipe.name].append(train(recipe, clean_data if recipe.clean else noisy_data, test, args,
+                                           init_state, seed, match_seconds))
+    mixture_sdr = [sum(m[i] for m in mixture_sdrs) / len(mixture_sdrs) for i in range(len(STEMS))]
+    summary = {"args": vars(args), "torch": torch.__version__, "nrt_kernels": nrt_kernels.__version__,
+               "label_noise": label_noise, "mixture_sdr_per_stem": dict(zip(STEMS, mixture_sdr)), "runs": runs}
     with open(out / "results.json", "w") as handle:
-        json.dump(summary, handle, indent=2)
+        json.dump(summary, handle)
+    report(summary, out)
     print(f"\nwrote {out / 'results.json'}, {out / 'sdr.png'}, {out / 'losses.png'}")
     return 0
 

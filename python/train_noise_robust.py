@@ -2,13 +2,17 @@
 
     python python/train_noise_robust.py                  # V1, CPU, well under 2 minutes
     python python/train_noise_robust.py --version v2 --device cuda
+    python python/train_noise_robust.py --epochs 3 --schedule-epochs 6 --checkpoint run.pt   # stop after 3 ...
+    python python/train_noise_robust.py --epochs 6 --resume run.pt --checkpoint run.pt       # ... and go on to 6
 
 Every piece of the recipe is here: a separator (a tiny conv net), label-noised 4-stem training data (stems
 bleed into each other and swap labels; the mixture is the sum of the noisy stems), the EMA mean teacher
 (``EMATeacher``, unbiased start), the loss schedule (``LossSchedule.v1()`` / ``.v2()`` with its epochs
-compressed into this run: the milestones scale with ``--epochs``), the teacher every 2nd iteration, the fused
-``NoiseRobustLoss`` with ``impl="auto"`` (Triton on CUDA; the CPU backend or the PyTorch reference on the CPU,
-never the Triton interpreter) and a log line per epoch with every loss term and the clean-stem L1.
+compressed into ``--schedule-epochs``, by default the run's ``--epochs``), the teacher every 2nd iteration, the
+fused ``NoiseRobustLoss`` with ``impl="auto"`` (Triton on CUDA; the CPU backend or the PyTorch reference on the
+CPU, never the Triton interpreter), a log line per epoch with every loss term and the clean-stem L1, and exact
+resumption (``TrainingState``): ``--checkpoint`` writes the full state after every epoch, ``--resume`` continues
+from one up to ``--epochs``, ending bitwise equal to a run that never stopped (tests/test_resume.py).
 """
 from __future__ import annotations
 
@@ -22,12 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("unset TRITON_INTERPRET: the recipe runs the compiled paths (impl='auto'), not the interpreter")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nrt_kernels  # noqa: E402
-from nrt_kernels.training import EMATeacher, LossSchedule, teacher_targets_v1, teacher_targets_v2  # noqa: E402
+from nrt_kernels.training import (  # noqa: E402
+    EMATeacher, LossSchedule, TrainingState, teacher_targets_v1, teacher_targets_v2)
 
 SOURCES = 4
 
@@ -78,17 +81,18 @@ def add_label_noise(clean: torch.Tensor, generator: torch.Generator, bleed: floa
     return noisy
 
 
-def scaled_schedule(version: str, epochs: int) -> LossSchedule:
-    """The paper's schedule with its milestones scaled to ``epochs`` (V1 runs 300 epochs, V2 ~70)."""
-    base, span = (LossSchedule.v1(), 300) if version == "v1" else (LossSchedule.v2(), 70)
-    milestones = [max(1, round(m * epochs / span)) for m in base.milestones]
-    return LossSchedule(base.table, milestones, teacher_interval=base.teacher_interval)
+# The arguments a resumed run must share with the run it continues (not --epochs: that is how far to go on).
+RUN_ARGUMENTS = ("version", "schedule_epochs", "iterations", "batch", "channels", "length", "examples", "lr",
+                 "ema_decay", "impl", "seed")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", choices=("v1", "v2"), default="v1")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=6, help="train up to this epoch (default 6)")
+    parser.add_argument("--schedule-epochs", type=int, default=None,
+                        help="the epochs the paper's schedule is compressed into (default: --epochs; a resumed run "
+                             "keeps its checkpoint's)")
     parser.add_argument("--iterations", type=int, default=15, help="iterations per epoch")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--channels", type=int, default=2)
@@ -99,10 +103,21 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impl", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", metavar="PATH", help="write the full training state here after every epoch")
+    parser.add_argument("--resume", metavar="PATH", help="continue from a --checkpoint file up to --epochs")
+    parser.add_argument("--save-state", metavar="PATH",
+                        help='write {"model": ..., "teacher": ...} state dicts here at the end')
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the recipe runs the compiled kernels (impl='auto'), not the interpreter")
+    checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    if args.schedule_epochs is None:
+        args.schedule_epochs = checkpoint["extra"]["run"]["schedule_epochs"] if checkpoint else args.epochs
+    run = {name: getattr(args, name) for name in RUN_ARGUMENTS}
+
+    torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     clean = make_stems(args.examples, args.channels, args.length, generator)
     noisy = add_label_noise(clean, generator)
@@ -112,22 +127,35 @@ def main(argv=None):
     model = TinySeparator(args.channels).to(device)
     teacher = EMATeacher(model, decay=args.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    schedule = scaled_schedule(args.version, args.epochs)
+    schedule = getattr(LossSchedule, args.version)().compressed(args.schedule_epochs)
     criterion = nrt_kernels.NoiseRobustLoss(version=args.version, impl=args.impl)
+    # The batches' order has its own generator; the MixIT pairings come from torch's global one (pairing=None).
+    batches = torch.Generator().manual_seed(args.seed + 1)
+    state = TrainingState(model, optimizer, teacher=teacher, schedule=schedule, generators={"batches": batches})
+    if checkpoint is not None:
+        changed = {name: (value, run[name]) for name, value in checkpoint["extra"]["run"].items()
+                   if run[name] != value}
+        if changed:
+            sys.exit(f"--resume {args.resume}: the checkpoint's run differs in "
+                     + ", ".join(f"--{name.replace('_', '-')} ({old} there, {new} here)"
+                                 for name, (old, new) in changed.items()))
+        state.load_state_dict(checkpoint)
+        print(f"resumed from {args.resume} after epoch {state.epoch} (iteration {state.iteration}, teacher count "
+              f"{teacher.count:.4f})")
+    state.extra["run"] = run
     print(f"{args.version}: {criterion}, schedule {schedule.table} at epochs {schedule.milestones}, "
           f"teacher every {schedule.teacher_interval} iterations, device {device}")
 
-    iteration = 0
     begin = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(state.epoch + 1, args.epochs + 1):
         model.train()
         sums = defaultdict(float)
         counts = defaultdict(int)
         for _ in range(args.iterations):
-            index = torch.randint(0, args.examples, (args.batch,), device=device)
+            index = torch.randint(0, args.examples, (args.batch,), generator=batches).to(device)
             targets = noisy[index]
             est = model(targets.sum(1))
-            step = schedule(epoch, iteration)
+            step = schedule(epoch, state.iteration)
             teacher_out = None
             if step.teacher:
                 teacher_out = (teacher_targets_v1(teacher.separate, targets) if args.version == "v1"
@@ -139,7 +167,7 @@ def main(argv=None):
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             teacher.update(model)
-            iteration += 1
+            state.iteration += 1
             for name, value in {"loss": loss.detach(), **terms}.items():
                 sums[name] += float(value)
                 counts[name] += 1
@@ -147,9 +175,15 @@ def main(argv=None):
             model.eval()
             clean_l1 = (model(valid_clean.sum(1)) - valid_clean).abs().mean().item()
             teacher_l1 = (teacher.separate(valid_clean.sum(1)) - valid_clean).abs().mean().item()
+        state.epoch = epoch
+        if args.checkpoint:
+            state.save(args.checkpoint)
         logged = "  ".join(f"{name} {sums[name] / counts[name]:.4f}" for name in sums)
         print(f"epoch {epoch:3d}  weights {list(step.weights)}  {logged}  |  clean L1 model {clean_l1:.4f}  "
               f"teacher {teacher_l1:.4f}  ({time.perf_counter() - begin:.1f} s)", flush=True)
+    if args.save_state:
+        torch.save({"model": model.state_dict(), "teacher": teacher.model.state_dict()}, args.save_state)
+        print(f"wrote the model's and the teacher's state dicts to {args.save_state}")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,12 @@ def main() -> int:
     # The pipelined partials loops that the GPU tune scripts sweep: they must compile, without spills, too.
     for stages in (2, 3, 4):
         _check_pipelined(stages)
+    # Every metric (constexpr METRIC / IS_L1 / CENTERED), both solvers, the source paddings MP = 16 and 32.
+    _check_pit([("sisdr", "exhaustive", torch.float32, 3), ("sdsdr", "hungarian", torch.float32, 4),
+                ("snr", "exhaustive", torch.float64, 2), ("mse", "hungarian", torch.bfloat16, 4),
+                ("l1", "exhaustive", torch.float16, 3), ("log_mse", "hungarian", torch.float32, 4),
+                ("sisdr", "exhaustive", torch.float32, 8), ("sisdr", "hungarian", torch.float32, 16),
+                ("sisdr", "hungarian", torch.float32, 32), ("l1", "hungarian", torch.float32, 32)])
     print(f"{len(compiled)} kernels compiled, {len(failures)} failed")
     return 1 if failures else 0
 
@@ -184,6 +190,17 @@ def _check_noise_robust(cases):
         loss = nrt_kernels.noise_robust_loss(est, targets, version=version, weights=weights, teacher_targets=teacher,
                                              pairing=torch.arange(sources), source_weights=source_weights,
                                              impl="triton")
+        loss.backward()
+
+
+
+def _check_pit(cases):
+    import nrt_kernels
+
+    for metric, solver, dtype, sources in cases:
+        est = torch.randn(2, sources, 300).to(dtype).requires_grad_(True)
+        targets = torch.randn(2, sources, 300).to(dtype).requires_grad_(True)
+        loss = nrt_kernels.pit_loss(est, targets, metric=metric, solver=solver, impl="triton")
         loss.backward()
 
 

@@ -13,7 +13,7 @@ from nrt_kernels import backends, reference
 package = pathlib.Path(nrt_kernels.__file__).parent
 assert "site-packages" in str(package), f"imported from {package}, not from the installed wheel"
 assert importlib.util.find_spec("triton") is None, "this venv must not have triton"
-for name in ("nrt_kernels.ops.mixit_l1", "nrt_kernels.ops.noise_robust_l1", "nrt_kernels.bench"):
+for name in ("nrt_kernels.ops.mixit_l1", "nrt_kernels.ops.noise_robust_l1", "nrt_kernels.ops.pit", "nrt_kernels.bench"):
     assert importlib.util.find_spec(name) is not None, f"the wheel lacks {name}"
 assert any(package.glob("_cpu.*")), "the wheel lacks the compiled CPU extension"
 assert (package / "csrc" / "mixit_l1.cpp").exists(), "the wheel lacks the C++ sources (for just-in-time builds)"
@@ -22,6 +22,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("error")  # no just-in-time build, no fallback to the reference
     assert backends.resolve("mixit_l1", "auto", "cpu") == "cpu"
     assert backends.resolve("noise_robust_l1", "auto", "cpu") == "cpu"
+    assert backends.resolve("pit", "auto", "cpu") == "cpu"
 
 torch.manual_seed(0)
 est = torch.randn(3, 4, 2, 100, requires_grad=True)
@@ -32,6 +33,8 @@ for fast, slow in (
                                            pairing=torch.tensor([3, 1, 0, 2])),
      lambda: reference.noise_robust_loss(est, targets, weights=[1, 2, 1], teacher_targets=teacher,
                                          pairing=torch.tensor([3, 1, 0, 2]))),
+    (lambda: nrt_kernels.pit_loss(est, targets, solver="hungarian"),
+     lambda: reference.pit_loss(est, targets, solver="hungarian")),
 ):
     loss, expected = fast(), slow()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -1,12 +1,9 @@
 // CPU kernels of the fused MixIT L1: the same two-stage algorithm as the Triton kernels in
 // nrt_kernels/ops/mixit_l1.py.
 //
-// Forward, stage 1 (parallel over (row, tile of D)): for every mixture n and every subset mask of
-// the M sources, E[n][mask] = sum_d |S_mask(d) - mix_n(d)| over the tile, where the subset sums are
-// built incrementally, S[mask] = S[mask without its highest bit] + est[highest bit].  A candidate's
-// error is a sum of N of these terms, so N * 2**M partials cover all N**M candidates and nothing of
-// size (candidates x D) is ever formed.  Stage 2 (per row) adds the tiles in a fixed order and keeps
-// the first minimum over candidates, NaN first (torch.min semantics).
+// Forward, stage 1 (parallel over (row, tile of D)): the subset search of subset_l1.h, the N * 2**M partials
+// E[n][mask] of every tile.  Stage 2 (per row) adds the tiles in a fixed order and keeps the first minimum over
+// candidates, NaN first (torch.min semantics).
 #include "mixit_l1_cpu.h"
 
 #include "../nrt_config.h"
@@ -23,71 +20,19 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include "subset_l1.h"
+
 namespace nrt_kernels {
 namespace {
 
-// Every (mixture, subset) pair sums into kLanes accumulators, lane l taking the elements d = l mod kLanes:
-// a fixed-size local array that the compiler keeps in SIMD registers without -march (16 floats: 4 SSE or
-// 2 AVX vectors).  Inputs are loaded in blocks of kLanes, zero-padded at the end of D.
-constexpr int64_t kLanes = 16;
-// Elements of D per forward work item.  It is a constant, not derived from the thread count, so the
-// partials and hence every result are bitwise identical whatever the number of threads.  4096 keeps
-// the partials buffer (N * 2**M values per tile) far below the input size and gives enough work items
-// for a few threads at audio lengths.
-constexpr int64_t kTile = 4096;
-// Elements of D per backward work item, and per pass over its sources (the chunk's errors stay in L1).
-constexpr int64_t kBackwardTile = 8192;
-constexpr int64_t kBackwardChunk = 512;
-// build_config.MAX_SOURCES: the subset table has 2**M entries.
-constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
-
-// Runtime ISA dispatch (function multiversioning through an ifunc resolver): the two hot functions are
-// compiled for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has, so the module
-// needs no -march and still runs on any x86-64.  Every clone performs the same IEEE additions in the same
-// order (no multiply feeds an add, so no FMA can form), hence results are bitwise identical across CPUs.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NRT_ISA_CLONES
-#endif
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Loads `count` (<= kLanes) elements converted to the accumulation type, zero-padded: padded lanes
-// add exactly 0 to every |subset sum - mixture| term.
-template <typename scalar_t, typename acc_t>
-inline void load_lanes(const scalar_t* __restrict__ src, int64_t count, acc_t* __restrict__ dst) {
-  if (count == kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<acc_t>(src[l]);
-  } else {
-    for (int64_t l = 0; l < kLanes; ++l) dst[l] = l < count ? static_cast<acc_t>(src[l]) : acc_t(0);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store_lanes(const acc_t* __restrict__ src, int64_t count, scalar_t* __restrict__ dst) {
-  if (count == kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<scalar_t>(src[l]);
-  } else {
-    for (int64_t l = 0; l < count; ++l) dst[l] = static_cast<scalar_t>(src[l]);
-  }
-}
-
-// Elements of D whose subset sums are formed before they are scored: the (2**M, chunk) table of
-// subset sums stays in L1/L2 (32 KiB of floats), and each (mixture, subset) pair then streams
-// through the whole chunk with its accumulators in registers instead of reloading them per 16 elements.
-int64_t forward_chunk(int64_t num_masks) {
-  int64_t chunk = 256;
-  while (chunk > kLanes && chunk * num_masks > 8192) chunk /= 2;
-  return chunk;
-}
+using namespace subset_l1;
 
 // Stage 1 for one (row, tile): partial[n * 2**M + mask] = sum over [begin, end) of |S_mask - mix_n|.
 // `workspace` holds (2**M + N) * chunk + N * 2**M * kLanes accumulators.
 template <typename scalar_t, typename acc_t>
 NRT_ISA_CLONES void subset_l1_partials(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sources,
-                        int64_t num_mixtures, int64_t length, int64_t begin, int64_t end, int64_t chunk,
-                        acc_t* workspace, acc_t* partial) {
+                                       int64_t num_mixtures, int64_t length, int64_t begin, int64_t end, int64_t chunk,
+                                       acc_t* workspace, acc_t* partial) {
   const int64_t num_masks = int64_t(1) << num_sources;
   acc_t* __restrict__ sums = workspace;                       // [num_masks][chunk]
   acc_t* __restrict__ mix = sums + num_masks * chunk;         // [num_mixtures][chunk]
@@ -97,55 +42,13 @@ NRT_ISA_CLONES void subset_l1_partials(const scalar_t* est_row, const scalar_t* 
 
   for (int64_t start = begin; start < end; start += chunk) {
     const int64_t count = std::min(chunk, end - start);
-    const int64_t blocks = ceil_div(count, kLanes);
-    // Singletons are the sources themselves; every other subset adds its highest source to a smaller one, so
-    // S = ((x_a + x_b) + x_c) for a < b < c: the left-to-right order of the reference's sum over sources.
-    // Candidates that tie mathematically (common for short signals) then also tie after rounding, and the
-    // first one wins, as in the reference.
     for (int64_t s = 0; s < num_sources; ++s) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        load_lanes(est_row + s * length + start + b * kLanes, std::min(kLanes, count - b * kLanes),
-                   sums + (int64_t(1) << s) * chunk + b * kLanes);
-      }
+      load_chunk(est_row + s * length + start, count, sums + (int64_t(1) << s) * chunk);
     }
-    for (int64_t n = 0; n < num_mixtures; ++n) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        load_lanes(mix_row + n * length + start + b * kLanes, std::min(kLanes, count - b * kLanes),
-                   mix + n * chunk + b * kLanes);
-      }
-    }
-    const int64_t padded = blocks * kLanes;
-    int64_t highest = 1;
-    for (int64_t mask = 3; mask < num_masks; ++mask) {
-      if ((mask & (mask - 1)) == 0) {  // a singleton, already loaded
-        highest = mask;
-        continue;
-      }
-      const int64_t rest = mask ^ highest;
-      const acc_t* __restrict__ prev = sums + rest * chunk;
-      const acc_t* __restrict__ x = sums + highest * chunk;
-      acc_t* __restrict__ sum = sums + mask * chunk;
-      for (int64_t l = 0; l < padded; ++l) sum[l] = prev[l] + x[l];
-    }
-    for (int64_t mask = 0; mask < num_masks; ++mask) {
-      const acc_t* __restrict__ sum = sums + mask * chunk;
-      for (int64_t n = 0; n < num_mixtures; ++n) {
-        const acc_t* __restrict__ m = mix + n * chunk;
-        acc_t* __restrict__ total = lanes + (n * num_masks + mask) * kLanes;
-        acc_t acc[kLanes];
-        for (int64_t l = 0; l < kLanes; ++l) acc[l] = total[l];
-        for (int64_t b = 0; b < padded; b += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) acc[l] += std::abs(sum[b + l] - m[b + l]);
-        }
-        for (int64_t l = 0; l < kLanes; ++l) total[l] = acc[l];
-      }
-    }
+    for (int64_t n = 0; n < num_mixtures; ++n) load_chunk(mix_row + n * length + start, count, mix + n * chunk);
+    score_subsets(sums, mix, num_sources, num_mixtures, chunk, ceil_div(count, kLanes) * kLanes, lanes);
   }
-  for (int64_t i = 0; i < num_mixtures * num_masks; ++i) {
-    acc_t total = acc_t(0);
-    for (int64_t l = 0; l < kLanes; ++l) total += lanes[i * kLanes + l];
-    partial[i] = total;
-  }
+  for (int64_t i = 0; i < num_mixtures * num_masks; ++i) partial[i] = lane_total(lanes + i * kLanes);
 }
 
 template <typename scalar_t>
@@ -186,22 +89,9 @@ void forward_impl(const at::Tensor& est, const at::Tensor& mixtures, const at::T
       for (int64_t tile = 1; tile < num_tiles; ++tile) {
         for (int64_t i = 0; i < per_tile; ++i) totals[i] += row_partials[tile * per_tile + i];
       }
-      int64_t chosen = 0;
-      acc_t chosen_total = acc_t(0);
-      for (int64_t c = 0; c < num_candidates; ++c) {
-        acc_t total = acc_t(0);
-        for (int64_t n = 0; n < num_mixtures; ++n) total += totals[n * num_masks + mask_data[c * num_mixtures + n]];
-        // torch.min: the first NaN wins over every number; otherwise the first minimum.
-        if (std::isnan(total)) {
-          chosen = c;
-          chosen_total = total;
-          break;
-        }
-        if (c == 0 || total < chosen_total) {
-          chosen = c;
-          chosen_total = total;
-        }
-      }
+      int64_t chosen;
+      acc_t chosen_total;
+      select_candidate(totals.data(), mask_data, num_candidates, num_mixtures, num_masks, &chosen, &chosen_total);
       loss_data[row] = chosen_total / count;
       best_data[row] = chosen;
     }
@@ -228,12 +118,7 @@ NRT_ISA_CLONES void sign_gradients(const scalar_t* est_row, const scalar_t* mix_
     for (int64_t n = 0; n < num_mixtures; ++n) {
       const scalar_t* __restrict__ m = mix_row + n * length + start;
       acc_t* __restrict__ g = grad + n * kBackwardChunk;
-      for (int64_t l = 0; l < size; ++l) {
-        const acc_t err = g[l] - static_cast<acc_t>(m[l]);
-        // sign(0) = sign(NaN) = 0, like autograd's abs backward.
-        const acc_t sign = static_cast<acc_t>(err > acc_t(0)) - static_cast<acc_t>(err < acc_t(0));
-        g[l] = scale * sign;
-      }
+      for (int64_t l = 0; l < size; ++l) g[l] = scale * sign(g[l] - static_cast<acc_t>(m[l]));
     }
     for (int64_t s = 0; s < num_sources; ++s) {
       const acc_t* __restrict__ g = grad + owner[s] * kBackwardChunk;

@@ -18,7 +18,11 @@ def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def fused_operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` as the kernels read it: ``dtype``, (B, rows, D) row-major (a non-contiguous input costs one copy)."""
-    flat = tensor.to(dtype).reshape(tensor.shape[0], tensor.shape[1], -1).contiguous()
+    # Each skipped no-op call saves microseconds of host time (a loss call on small inputs is host-bound).
+    flat = tensor if tensor.dtype == dtype else tensor.to(dtype)
+    if flat.ndim != 3:
+        flat = flat.reshape(flat.shape[0], flat.shape[1], -1)
+    flat = flat.contiguous()
     # Teacher outputs made under inference mode cannot be saved for backward: one copy makes them ordinary.
     # (torch.compile never sees inference tensors as graph inputs, and cannot trace the test.)
     if (not torch.compiler.is_compiling() and flat.is_inference() and torch.is_grad_enabled()

@@ -206,5 +206,6 @@ def mixit_gram_loss(est, mixtures, impl: str, *, metric: str, options, partition
     tau = 10.0 ** (-options.max_snr / 10.0) if options.max_snr is not None else 0.0
     row_loss, best, _ = mixit_gram(fused_operand(est, dtype), fused_operand(mixtures, dtype), partitions, metric,
                                    zero_mean, eps, tau, impl)
-    return finish(row_loss, best, est, mixtures.shape[1], partitions=partitions, reduction=reduction,
-                  return_est=return_est, return_assignment=return_assignment)
+    loss = row_loss.mean() if reduction == "mean" else row_loss
+    return finish(loss, best, est, mixtures.shape[1], partitions=partitions, return_est=return_est,
+                  return_assignment=return_assignment)

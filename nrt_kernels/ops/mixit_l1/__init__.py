@@ -40,6 +40,10 @@ def _mixit_l1_fake(est, mixtures, partitions, impl):
 def mixit_l1_backward(grad_rows: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor, best: torch.Tensor,
                       partitions: str, impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``mixit_l1``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
+    return _backend_backward(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad)
+
+
+def _backend_backward(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad):
     grad_est, grad_mix = backends.lookup(OP, impl).backward(grad_rows.contiguous(), est, mixtures, best, partitions,
                                                             mixtures_grad)
     return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
@@ -59,10 +63,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(best)
 
 
-def _backward(ctx, grad_rows, _grad_best):
+def _backward(ctx, grad_rows, _grad_best, run_backward=mixit_l1_backward):
     est, mixtures, best = ctx.saved_tensors
     mixtures_grad = ctx.needs_input_grad[1]
-    grad_est, grad_mix = mixit_l1_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
+    grad_est, grad_mix = run_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
     return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None, None, None)
 
 
@@ -97,6 +101,37 @@ def _double_backward(ctx, grad_grad_est, grad_grad_mix):
 mixit_l1_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
 
 
+class _EagerMixitL1(torch.autograd.Function):
+    """``mixit_l1`` and its autograd without torch.library's dispatch, for eager calls on plain tensors: the same
+    backend functions and context, about half the host time of a tiny forward + backward on a CPU
+    (benchmarks/RESULTS.md).  Its forward takes ``ctx`` (no ``setup_context``): ``apply`` then binds no signature."""
+
+    @staticmethod
+    def forward(ctx, est, mixtures, partitions, impl, mean):
+        row_loss, best = backends.lookup(OP, impl).forward(est, mixtures, partitions)
+        _setup_context(ctx, (est, mixtures, partitions, impl), (row_loss, best))
+        ctx.mean = mean
+        return (row_loss.mean() if mean else row_loss), best
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_best):
+        # The mean's own backward, folded in (one autograd node less): the same expand / B.
+        grad_rows = grad_loss.expand(ctx.saved_tensors[2].shape) / ctx.saved_tensors[2].shape[0] if ctx.mean \
+            else grad_loss
+        # Grad mode is on only under create_graph=True: then the backward op, which has its own derivative.
+        run_backward = mixit_l1_backward if torch.is_grad_enabled() else _backend_backward
+        return (*_backward(ctx, grad_rows, grad_best, run_backward=run_backward), None)
+
+
+def mixit_l1_reduced(est, mixtures, partitions: str, impl: str, mean: bool):
+    """``mixit_l1`` with autograd, the row losses averaged when ``mean``: the custom op where torch.compile traces
+    it or a tensor subclass (such as a FakeTensor) dispatches it; the direct path otherwise."""
+    if torch.compiler.is_compiling() or type(est) is not torch.Tensor or type(mixtures) is not torch.Tensor:
+        row_loss, best = mixit_l1(est, mixtures, partitions, impl)
+        return (row_loss.mean() if mean else row_loss), best
+    return _EagerMixitL1.apply(est, mixtures, partitions, impl, mean)
+
+
 def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> torch.Tensor:
     """(B, N, *): each row's sources summed into the mixtures ``assignment`` (B, M) gives them.
 
@@ -119,9 +154,8 @@ def _best_assignment_fake(best, num_sources, num_mixtures, partitions):
     return best.new_empty(best.shape[0], num_sources)
 
 
-def finish(row_loss, best, est, num_mixtures, *, partitions, reduction, return_est, return_assignment):
-    """Reduce the per-row best losses and append the requested extras, in the documented order."""
-    loss = row_loss.mean() if reduction == "mean" else row_loss
+def finish(loss, best, est, num_mixtures, *, partitions, return_est, return_assignment):
+    """The (reduced) loss and the requested extras, in the documented order."""
     if not (return_est or return_assignment):
         return loss
     assignment = best_assignment(best, est.shape[1], num_mixtures, partitions)
@@ -136,6 +170,7 @@ def finish(row_loss, best, est, num_mixtures, *, partitions, reduction, return_e
 def mixit_l1_loss(est, mixtures, impl: str, *, partitions, reduction, return_est, return_assignment):
     """The fused MixIT L1 of validated inputs with a resolved kernel backend ``impl``."""
     dtype = common_dtype(est, mixtures)
-    row_loss, best = mixit_l1(fused_operand(est, dtype), fused_operand(mixtures, dtype), partitions, impl)
-    return finish(row_loss, best, est, mixtures.shape[1], partitions=partitions, reduction=reduction,
-                  return_est=return_est, return_assignment=return_assignment)
+    loss, best = mixit_l1_reduced(fused_operand(est, dtype), fused_operand(mixtures, dtype), partitions, impl,
+                                  reduction == "mean")
+    return finish(loss, best, est, mixtures.shape[1], partitions=partitions, return_est=return_est,
+                  return_assignment=return_assignment)

@@ -5,10 +5,11 @@ Terms, each a mean over the batch: ``l1`` = |est - targets| (a weighted mean ove
 |sum_s est - sum_s targets|, ``mixit`` = the generalized MixIT L1 of est against the two mixtures that a pairing
 forms from the noisy targets, ``teacher`` = the l1 against teacher targets.
 
-Kernel backends (``triton.py``; ``cuda`` is the same Triton kernel) register ``forward(est, targets, teacher,
-pair_masks, source_weights, weights, divisor) -> (loss, terms, best)`` and ``backward(grad_loss, est, targets,
-teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``.  A backend without a fused kernel
-registers a :class:`composed.Composition` instead: the MixIT op of that backend with the other terms in PyTorch.
+Kernel backends (``triton.py``, ``cuda`` being the same Triton kernel; ``cpu.py``, the C++ kernel) register
+``forward(est, targets, teacher, pair_masks, source_weights, weights, divisor) -> (loss, terms, best)`` and
+``backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor) -> grad_est``.
+``composed.py`` computes the loss from a backend's MixIT op and PyTorch terms when targets require grad.
+Eager calls on plain tensors go through :func:`noise_robust_l1_loss`, which skips torch.library's dispatch.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def noise_robust_l1_backward(grad_loss: torch.Tensor, est: torch.Tensor, targets
                              teacher: torch.Tensor, pair_masks: torch.Tensor, source_weights: torch.Tensor,
                              best: torch.Tensor, weights: list[float], divisor: float, impl: str) -> torch.Tensor:
     """Gradient of ``noise_robust_l1``'s loss with respect to est."""
+    return _backend_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor,
+                             impl)
+
+
+def _backend_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, weights, divisor, impl):
     return backends.lookup(OP, impl).backward(grad_loss.contiguous(), est, targets, teacher, pair_masks,
                                               source_weights, best, weights, divisor)
 
@@ -70,12 +76,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(terms, best)
 
 
-def _backward(ctx, grad_loss, _grad_terms, _grad_best):
+def _backward(ctx, grad_loss, _grad_terms, _grad_best, run_backward=noise_robust_l1_backward):
     est, targets, teacher, pair_masks, source_weights, best = ctx.saved_tensors
     grad_est = None
     if ctx.needs_input_grad[0]:
-        grad_est = noise_robust_l1_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best,
-                                            ctx.weights, ctx.divisor, ctx.impl)
+        grad_est = run_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, ctx.weights,
+                                ctx.divisor, ctx.impl)
     return grad_est, None, None, None, None, None, None, None
 
 
@@ -106,6 +112,41 @@ def _double_backward(ctx, grad_grad_est):
 noise_robust_l1_backward.register_autograd(_double_backward, setup_context=_backward_setup_context)
 
 
+class _EagerNoiseRobustL1(torch.autograd.Function):
+    """``noise_robust_l1`` and its autograd without torch.library's dispatch, for eager calls on plain tensors: the
+    same backend functions and context, about 30 us less host time per forward + backward on a CPU
+    (benchmarks/RESULTS.md).  Its forward takes ``ctx`` (no ``setup_context``): ``apply`` then binds no signature."""
+
+    @staticmethod
+    def forward(ctx, est, targets, teacher, pair_masks, source_weights, weights, divisor, impl):
+        inputs = (est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
+        output = backends.lookup(OP, impl).forward(est, targets, teacher, pair_masks, source_weights, weights, divisor)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_terms, grad_best):
+        # Grad mode is on only under create_graph=True: then the backward op, which has its own derivative.
+        run_backward = noise_robust_l1_backward if torch.is_grad_enabled() else _backend_backward
+        return _backward(ctx, grad_loss, grad_terms, grad_best, run_backward=run_backward)
+
+
+# torch.autograd.Function.apply is a Python wrapper that unwraps torch.func tensors before the C apply beneath it;
+# calling that directly saves about 3 us a call where no such tensor can come (checked in noise_robust_l1_loss).
+_apply_eager = super(torch.autograd.Function, _EagerNoiseRobustL1).apply
+_is_functorch_tensor = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def noise_robust_l1_loss(est, targets, teacher, pair_masks, source_weights, weights: list[float], divisor: float,
+                         impl: str):
+    """``noise_robust_l1`` with autograd: the custom op where torch.compile traces it, a tensor subclass (such as a
+    FakeTensor) dispatches it or a torch.func wrapper outlived its transform; the direct path otherwise."""
+    if (torch.compiler.is_compiling() or type(est) is not torch.Tensor or _is_functorch_tensor(est)
+            or _is_functorch_tensor(targets) or _is_functorch_tensor(teacher)):
+        return noise_robust_l1(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
+    return _apply_eager(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
+
+
 def active_terms(terms: tuple, weights, has_teacher: bool) -> dict:
     """``{term name: weight}`` of the terms a call computes: a non-zero weight, and for the teacher term teacher
     targets (iSeparate skips it on iterations where the mean teacher is off)."""
@@ -124,15 +165,14 @@ def loss_divisor(version: str, weights, active: dict, normalize: str) -> float:
 
 
 def draw_pairing(pairing, batch: int, num_sources: int) -> torch.Tensor:
-    """(B, S) int64 pairing rows: ``None`` draws one ``torch.randperm(S)`` from the global generator for the batch
-    (iSeparate), ``"per_example"`` one per row; a (validated) tensor is broadcast where it is."""
+    """int64 pairing rows, (S,) for one pairing of the whole batch or (B, S) for one per row: ``None`` draws one
+    ``torch.randperm(S)`` from the global generator for the batch (iSeparate), ``"per_example"`` one per row; a
+    (validated) tensor stays where it is."""
     if pairing is None:
-        rows = torch.randperm(num_sources)
-    elif isinstance(pairing, str):
-        rows = torch.stack([torch.randperm(num_sources) for _ in range(batch)])
-    else:
-        rows = pairing.to(torch.int64)
-    return rows.expand(batch, num_sources)
+        return torch.randperm(num_sources)
+    if isinstance(pairing, str):
+        return torch.stack([torch.randperm(num_sources) for _ in range(batch)])
+    return pairing.to(torch.int64)
 
 
 def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device,
@@ -141,10 +181,20 @@ def pair_masks(rows: torch.Tensor | None, batch: int, num_sources: int, device,
     of its row's pairing (mixture 0)."""
     if rows is None:
         return torch.zeros(batch, dtype=torch.int32, device=device)
-    first = rows[:, : num_sources // 2 if first_mixture_size is None else first_mixture_size]
-    masks = torch.bitwise_left_shift(torch.ones_like(first), first).sum(1).to(torch.int32)
+    first = num_sources // 2 if first_mixture_size is None else first_mixture_size
+    if rows.device.type == "cpu" and type(rows) is torch.Tensor and not torch.compiler.is_compiling():
+        # Host rows as Python ints: one small tensor instead of five small ops (a quarter of the host time of a
+        # small call).  Traced or fake rows have no values to read.
+        if rows.ndim == 1:
+            masks = torch.full((batch,), sum(1 << source for source in rows.tolist()[:first]), dtype=torch.int32)
+        else:
+            masks = torch.tensor([sum(1 << source for source in row[:first]) for row in rows.tolist()],
+                                 dtype=torch.int32)
+        return masks if device.type == "cpu" else masks.to(device, non_blocking=True)
+    first_stems = rows[..., :first]
+    masks = torch.bitwise_left_shift(torch.ones_like(first_stems), first_stems).sum(-1).to(torch.int32)
     # Pairings drawn here (or given) on the host stay there until they are (B,) masks: one small copy.
-    return masks.to(device, non_blocking=True)
+    return masks.expand(batch).contiguous().to(device, non_blocking=True)
 
 
 def normalized_source_weights(source_weights, dtype: torch.dtype, device) -> torch.Tensor:

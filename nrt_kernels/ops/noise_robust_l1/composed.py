@@ -1,25 +1,15 @@
-"""The noise-robust loss composed from other ops, for a backend without a fused V1/V2 kernel: that backend's
-MixIT L1 op with the other terms in PyTorch (autograd differentiates them, targets included).
+"""The noise-robust loss composed from other ops: a backend's MixIT L1 op with the other terms in PyTorch
+(autograd differentiates them, targets included).
 
-The "cpu" backend (``cpu.py``) is this composition until a fused C++ kernel exists; on any backend it runs when
-targets or teacher targets require grad (the fused kernels differentiate est only).
+Every backend has a fused kernel (``triton.py``, ``cpu.py``); on any backend this composition runs when targets,
+teacher targets or source weights require grad (the fused kernels differentiate est only).
 """
 from __future__ import annotations
-
-from typing import Callable, NamedTuple
 
 import torch
 
 from ..mixit_l1 import mixit_l1_loss
 from . import normalized_source_weights
-
-
-class Composition(NamedTuple):
-    """What a backend without a fused kernel registers: ``loss(est, targets, teacher_targets, scales, rows,
-    source_weights, mixit_impl, first_mixture_size=None) -> (loss, {term: value})``, the loss being
-    ``sum(scales[term] * value)``."""
-
-    loss: Callable
 
 
 def _source_l1(est, targets, source_weights):
@@ -34,7 +24,7 @@ def _source_l1(est, targets, source_weights):
 def _noisy_mixtures(targets, rows, first_mixture_size):
     # Mixture 0 sums the first stems of each row's pairing (half of them by default), mixture 1 the rest.
     first = targets.shape[1] // 2 if first_mixture_size is None else first_mixture_size
-    rows = rows.to(targets.device)
+    rows = rows.to(targets.device).expand(targets.shape[0], -1)
     index = rows.view(*rows.shape, *(1,) * (targets.ndim - 2)).expand(-1, -1, *targets.shape[2:])
     paired = targets.gather(1, index)
     return torch.stack([paired[:, :first].sum(1), paired[:, first:].sum(1)], dim=1)

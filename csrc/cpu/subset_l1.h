@@ -1,0 +1,157 @@
+// The MixIT subset search shared by the CPU kernels of the MixIT L1 (mixit_l1_cpu.cpp) and of the fused
+// noise-robust loss (noise_robust_l1_cpu.cpp): lane accumulators, the chunked table of subset sums scored
+// against every mixture, and the first-minimum choice over candidates.
+//
+// For every mixture n and every subset mask of the M sources, E[n][mask] = sum_d |S_mask(d) - mix_n(d)|, where
+// the subset sums are built incrementally, S[mask] = S[mask without its highest bit] + est[highest bit].  A
+// candidate's error is a sum of N of these terms, so N * 2**M partials cover all N**M candidates and nothing of
+// size (candidates x D) is ever formed.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "../nrt_config.h"
+
+namespace nrt_kernels {
+namespace subset_l1 {
+
+// Every accumulated quantity sums into kLanes accumulators, lane l taking the elements d = l mod kLanes: a
+// fixed-size local array that the compiler keeps in SIMD registers without -march (16 floats: 4 SSE or 2 AVX
+// vectors).  Inputs are loaded in blocks of kLanes, zero-padded at the end of D.
+constexpr int64_t kLanes = 16;
+// Elements of D per forward work item.  It is a constant, not derived from the thread count, so the partials
+// and hence every result are bitwise identical whatever the number of threads.  4096 keeps the partials
+// buffer (N * 2**M values per tile) far below the input size and gives enough work items for a few threads at
+// audio lengths.
+constexpr int64_t kTile = 4096;
+// Elements of D per backward work item, and per pass over its sources (the chunk's errors stay in L1).
+constexpr int64_t kBackwardTile = 8192;
+constexpr int64_t kBackwardChunk = 512;
+// build_config.MAX_SOURCES: the subset table has 2**M entries.
+constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
+
+// Runtime ISA dispatch (function multiversioning through an ifunc resolver): the hot functions are compiled
+// for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has, so the module needs no -march
+// and still runs on any x86-64.  Every clone performs the same IEEE operations in the same order (the build's
+// -ffp-contract=off fuses no multiply-add), hence results are bitwise identical across CPUs.  The helpers below
+// are always inlined into a clone, so they are compiled for its ISA.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NRT_ISA_CLONES
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define NRT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define NRT_ALWAYS_INLINE inline
+#endif
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Loads `count` (<= kLanes) elements converted to the accumulation type, zero-padded: padded lanes add exactly
+// 0 to every |a - b| term whose operands are both padded.
+template <typename scalar_t, typename acc_t>
+NRT_ALWAYS_INLINE void load_lanes(const scalar_t* __restrict__ src, int64_t count, acc_t* __restrict__ dst) {
+  if (count == kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<acc_t>(src[l]);
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) dst[l] = l < count ? static_cast<acc_t>(src[l]) : acc_t(0);
+  }
+}
+
+// Loads `count` elements of one row into a chunk buffer, zero-padded to whole lane blocks.
+template <typename scalar_t, typename acc_t>
+NRT_ALWAYS_INLINE void load_chunk(const scalar_t* src, int64_t count, acc_t* dst) {
+  for (int64_t b = 0; b < count; b += kLanes) load_lanes(src + b, std::min(kLanes, count - b), dst + b);
+}
+
+// sign(0) = sign(NaN) = 0, like autograd's abs backward.
+template <typename acc_t>
+NRT_ALWAYS_INLINE acc_t sign(acc_t x) {
+  return static_cast<acc_t>(x > acc_t(0)) - static_cast<acc_t>(x < acc_t(0));
+}
+
+// lanes[l] += |a - b| over `padded` (a multiple of kLanes) elements, lane l taking the elements l mod kLanes.
+template <typename acc_t>
+NRT_ALWAYS_INLINE void accumulate_l1(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t padded,
+                                     acc_t* __restrict__ lanes) {
+  acc_t acc[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) acc[l] = lanes[l];
+  for (int64_t start = 0; start < padded; start += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += std::abs(a[start + l] - b[start + l]);
+  }
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = acc[l];
+}
+
+// The lanes' total, in a fixed order.
+template <typename acc_t>
+NRT_ALWAYS_INLINE acc_t lane_total(const acc_t* lanes) {
+  acc_t total = acc_t(0);
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// Elements of D whose subset sums are formed before they are scored: the (2**M, chunk) table of subset sums
+// stays in L1/L2 (32 KiB of floats), and each (mixture, subset) pair then streams through the whole chunk with
+// its accumulators in registers instead of reloading them per 16 elements.
+inline int64_t forward_chunk(int64_t num_masks) {
+  int64_t chunk = 256;
+  while (chunk > kLanes && chunk * num_masks > 8192) chunk /= 2;
+  return chunk;
+}
+
+// Scores one chunk: `sums` is the [2**M][chunk] table with row 0 zero (the empty subset) and the singleton rows
+// 1 << s holding source s, `mix` the [N][chunk] mixtures, both zero-padded to `padded` (a multiple of kLanes).
+// Fills the other subset rows and adds |S_mask - mix_n| into lanes[(n * 2**M + mask) * kLanes + l].
+template <typename acc_t>
+NRT_ALWAYS_INLINE void score_subsets(acc_t* sums, const acc_t* mix, int64_t num_sources, int64_t num_mixtures,
+                                     int64_t chunk, int64_t padded, acc_t* lanes) {
+  const int64_t num_masks = int64_t(1) << num_sources;
+  // Singletons are the sources themselves; every other subset adds its highest source to a smaller one, so
+  // S = ((x_a + x_b) + x_c) for a < b < c: the left-to-right order of the reference's sum over sources.
+  // Candidates that tie mathematically (common for short signals) then also tie after rounding, and the first
+  // one wins, as in the reference.
+  int64_t highest = 1;
+  for (int64_t mask = 3; mask < num_masks; ++mask) {
+    if ((mask & (mask - 1)) == 0) {  // a singleton, already loaded
+      highest = mask;
+      continue;
+    }
+    const acc_t* __restrict__ prev = sums + (mask ^ highest) * chunk;
+    const acc_t* __restrict__ x = sums + highest * chunk;
+    acc_t* __restrict__ sum = sums + mask * chunk;
+    for (int64_t l = 0; l < padded; ++l) sum[l] = prev[l] + x[l];
+  }
+  for (int64_t mask = 0; mask < num_masks; ++mask) {
+    for (int64_t n = 0; n < num_mixtures; ++n) {
+      accumulate_l1(sums + mask * chunk, mix + n * chunk, padded, lanes + (n * num_masks + mask) * kLanes);
+    }
+  }
+}
+
+// The candidate a row keeps, given its per-(mixture, subset) totals [N][2**M] and the (P, N) candidate masks:
+// torch.min semantics, the first NaN over every number, otherwise the first minimum.
+template <typename acc_t>
+inline void select_candidate(const acc_t* totals, const int32_t* masks, int64_t num_candidates, int64_t num_mixtures,
+                             int64_t num_masks, int64_t* chosen, acc_t* chosen_total) {
+  *chosen = 0;
+  *chosen_total = acc_t(0);
+  for (int64_t c = 0; c < num_candidates; ++c) {
+    acc_t total = acc_t(0);
+    for (int64_t n = 0; n < num_mixtures; ++n) total += totals[n * num_masks + masks[c * num_mixtures + n]];
+    if (std::isnan(total)) {
+      *chosen = c;
+      *chosen_total = total;
+      return;
+    }
+    if (c == 0 || total < *chosen_total) {
+      *chosen = c;
+      *chosen_total = total;
+    }
+  }
+}
+
+}  // namespace subset_l1
+}  // namespace nrt_kernels
