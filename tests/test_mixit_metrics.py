@@ -600,3 +600,16 @@ def test_wrapper_runs_other_losses_on_the_loop(loss_func):
     with pytest.warns(UserWarning, match="reference loop"):
         loss = wrapper(est, mix)
     torch.testing.assert_close(loss, reference.candidate_losses(est, mix, "generalized", loss_func).min(1).values.mean())
+
+
+def test_report_has_si_sdr_and_log_mse_rows_up_to_16_sources():
+    from nrt_kernels.bench import cases
+
+    names = [case.name for case in cases.build_cases((2, 4, 1, 64), max_sources=16)]
+    assert [f"{metric}-{m}" for metric in ("sisdr", "log_mse") for m in range(2, 17)] == \
+        [name for name in names if name.startswith(("sisdr-", "log_mse-"))]
+    assert "mixit-12-equal" in names and "mixit-13-generalized" not in names  # the L1 keeps its own limit
+    case = next(case for case in cases.build_cases((2, 4, 1, 64)) if case.name == "sisdr-3")
+    inputs = cases.make_inputs(case, torch.device("cpu"), torch.float64)
+    torch.testing.assert_close(case.impl_loss(inputs, impl="reference"), case.reference_loss(inputs))
+    assert case.candidates == 8 and case.op == mixit_gram.OP
