@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from .. import reference
-from ..assignments import num_candidates
+from ..assignments import MAX_SOURCES, num_candidates
+from ..build_config import GRAM_MAX_SOURCES
 from ..backends import BACKEND_MODULES, IMPLS, resolve
 
 BASELINE = "pytorch"
@@ -102,7 +103,7 @@ def _mixit_impl(partitions: str, inputs: dict, impl: str) -> torch.Tensor:
 def mixit_cases(shape: tuple[int, ...], *, max_sources: int = 8, min_sources: int = 2) -> list[Case]:
     batch, _, channels, length = shape
     cases = []
-    for sources in range(min_sources, max_sources + 1):
+    for sources in range(min_sources, min(max_sources, MAX_SOURCES) + 1):
         for partitions in ("generalized", "equal"):
             if partitions == "equal" and sources % 2:
                 continue
@@ -110,6 +111,36 @@ def mixit_cases(shape: tuple[int, ...], *, max_sources: int = 8, min_sources: in
             cases.append(Case(f"mixit-{sources}-{partitions}", "mixit_l1", "mixit", case_shape,
                               partial(_mixit_inputs, case_shape), partial(_mixit_reference, partitions),
                               partial(_mixit_impl, partitions), num_candidates(sources, 2, partitions), partitions))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# MixIT with SI-SDR and with Google's log-MSE (the Gram metrics): M = 2..max_sources (up to 16) into 2 mixtures
+# ----------------------------------------------------------------------------------------------
+
+GRAM_CASE_METRICS = ("sisdr", "log_mse")
+
+
+def _gram_reference(metric: str, inputs: dict) -> torch.Tensor:
+    # The loop over every candidate with asteroid's MultiSrcNegSDR / Google's log-MSE on each remix.
+    return reference.mixit_loss(inputs["est"], inputs["mixtures"], metric=metric)
+
+
+def _gram_impl(metric: str, inputs: dict, impl: str) -> torch.Tensor:
+    from ..losses import mixit_loss
+
+    return mixit_loss(inputs["est"], inputs["mixtures"], metric=metric, impl=impl)
+
+
+def gram_cases(shape: tuple[int, ...], *, max_sources: int = 8, min_sources: int = 2) -> list[Case]:
+    batch, _, channels, length = shape
+    cases = []
+    for metric in GRAM_CASE_METRICS:
+        for sources in range(min_sources, min(max_sources, GRAM_MAX_SOURCES) + 1):
+            case_shape = (batch, sources, channels, length)
+            cases.append(Case(f"{metric}-{sources}", "mixit_gram", f"mixit-{metric}", case_shape,
+                              partial(_mixit_inputs, case_shape), partial(_gram_reference, metric),
+                              partial(_gram_impl, metric), num_candidates(sources, 2, "generalized"), "generalized"))
     return cases
 
 
@@ -154,6 +185,8 @@ FAMILIES = [
                "MixIT L1 of M estimated sources against 2 mixtures (every assignment / M/2 each)",
                mixit_cases, ("mixit-2-generalized", "mixit-4-generalized", "mixit-4-equal")),
     CaseFamily("v1, v2", "the noise-robust losses, all terms active", noise_robust_cases, ("v1", "v2")),
+    CaseFamily("sisdr-M, log_mse-M", "MixIT of M sources against 2 mixtures (every assignment) with asteroid's "
+               "SI-SDR / Google's log-MSE (one Gram pass)", gram_cases, ("sisdr-4", "log_mse-4")),
 ]
 
 

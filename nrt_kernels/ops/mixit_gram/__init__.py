@@ -31,8 +31,11 @@ larger than itself, so float32's 1e-7 becomes about 10 % (0.4 dB); float64's 1e-
 tests/test_mixit_metrics.py: error <= 2x the float32 loop's + 0.01 dB from -30 to +60 dB, for losses and
 gradients (in practice ~1e-6 dB, the float32 rounding of the result); a float32 Gram fails those tests at 60 dB.  The search and the statistics are float64 too, and so is the backward's arithmetic
 (the remix and ``a r + b x + c``, whose terms cancel as much at high SDR), rounded once to the gradient's dtype.
-float64 inputs: the products round in float64, like the float64 loop's.  Where the noise energy rounds below 0
-(estimates within ~1e-16 of exact) it is clamped to 0, so the loss stays finite and the metric's EPS decides.
+float64 inputs: the products round in float64, like the float64 loop's.  The limit of the method: far above the
+criterion's 60 dB, where the noise energy falls below the float64 rounding of ||r||^2 (1e-16 of it) and toward EPS
+(one- or two-sample signals get there: a single sample is always a scaled copy of the mixture), the loss errs by
+~1e-16 ||r||^2 / EPS relative and the gradient by more; a noise energy that rounds below 0 is clamped to 0, so the
+loss stays finite and EPS decides.
 
 Selection.  A candidate's float64 loss from the Gram equals the float64 loop's up to rounding (~1e-15 relative in
 the tests);
