@@ -15,12 +15,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // build_config.CPU_ABI_VERSION: nrt_kernels/_native.py rebuilds a stale prebuilt module instead of crashing.
   m.attr("ABI_VERSION") = NRT_ABI_VERSION;
   m.def("mixit_l1_forward", &nrt_kernels::mixit_l1_forward_cpu, pybind11::arg("est"), pybind11::arg("mixtures"),
-        pybind11::arg("masks"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "(est (B, M, D), mixtures (B, N, D), masks (P, N) int32) -> (row_loss (B,), best (B,) int64)");
+        pybind11::arg("masks"), pybind11::arg("mean"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "(est (B, M, D), mixtures (B, N, D), masks (P, N) int32, mean) -> (row_loss (B,) or their mean (), "
+        "best (B,) int64)");
   m.def("mixit_l1_backward", &nrt_kernels::mixit_l1_backward_cpu, pybind11::arg("grad_rows"), pybind11::arg("est"),
         pybind11::arg("mixtures"), pybind11::arg("best"), pybind11::arg("masks"), pybind11::arg("mixtures_grad"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "-> (grad_est like est, grad_mixtures like mixtures or None)");
+        pybind11::arg("mean"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "(grad_rows (B,), or with mean the 0-dim grad of their mean, est, mixtures, best, masks, mixtures_grad, "
+        "mean) -> (grad_est like est, grad_mixtures like mixtures or None)");
   m.def("pit_forward", &nrt_kernels::pit_forward_cpu, pybind11::arg("est"), pybind11::arg("targets"),
         pybind11::arg("metric"), pybind11::arg("hungarian"), pybind11::arg("zero_mean"), pybind11::arg("eps"),
         pybind11::arg("max_snr"), pybind11::call_guard<pybind11::gil_scoped_release>(),

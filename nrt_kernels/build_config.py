@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Bumped whenever a compiled signature changes: a prebuilt module or library from other sources is refused and
 # rebuilt instead of crashing.
-CPU_ABI_VERSION = 5
+CPU_ABI_VERSION = 6
 CUDA_ABI_VERSION = 2
 
 # The fused L1 kernels score every subset of sources (2**M of them) per mixture.

@@ -34,21 +34,37 @@ def make_inputs(batch, sources, mixtures, length, dtype=torch.float64, seed=0):
 def test_extension_accepts_strided_views(native):
     est, mix = make_inputs(2, 3, 2, 40, seed=9)
     masks = assignments.candidate_masks(3, 2, "generalized")
-    strided = native.mixit_l1_forward(est.transpose(1, 2).contiguous().transpose(1, 2), mix, masks)
-    dense = native.mixit_l1_forward(est, mix, masks)
+    strided = native.mixit_l1_forward(est.transpose(1, 2).contiguous().transpose(1, 2), mix, masks, False)
+    dense = native.mixit_l1_forward(est, mix, masks, False)
     assert all(torch.equal(a, b) for a, b in zip(strided, dense))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_extension_mean_is_autograds_mean_bit_for_bit(native, dtype):
+    # The eager path folds the rows' mean and its backward into the kernels: the numbers must be torch's own.
+    est, mix = make_inputs(5, 4, 2, 33, seed=21, dtype=dtype)
+    masks = assignments.candidate_masks(4, 2, "generalized")
+    rows, best = native.mixit_l1_forward(est, mix, masks, False)
+    mean, mean_best = native.mixit_l1_forward(est, mix, masks, True)
+    assert mean.dim() == 0 and torch.equal(mean, rows.mean()) and torch.equal(mean_best, best)
+    grad = torch.tensor(0.7, dtype=rows.dtype)
+    by_rows = native.mixit_l1_backward(grad.expand(5) / 5, est, mix, best, masks, True, False)
+    by_mean = native.mixit_l1_backward(grad, est, mix, best, masks, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(by_rows, by_mean))
+    with pytest.raises(RuntimeError, match="0-dim"):
+        native.mixit_l1_backward(grad.expand(5), est, mix, best, masks, False, True)
 
 
 def test_extension_checks_its_own_arguments(native):
     est, mix = make_inputs(2, 3, 2, 10, seed=15)
     masks = assignments.candidate_masks(3, 2, "generalized")
     with pytest.raises(RuntimeError, match="one dtype"):
-        native.mixit_l1_forward(est, mix.float(), masks)
+        native.mixit_l1_forward(est, mix.float(), masks, False)
     with pytest.raises(RuntimeError, match="masks"):
-        native.mixit_l1_forward(est, mix, masks.long())
-    _, best = native.mixit_l1_forward(est, mix, masks)
+        native.mixit_l1_forward(est, mix, masks.long(), False)
+    _, best = native.mixit_l1_forward(est, mix, masks, False)
     with pytest.raises(RuntimeError, match="candidate index"):
-        native.mixit_l1_backward(torch.ones(2, dtype=torch.float64), est, mix, best + len(masks), masks, False)
+        native.mixit_l1_backward(torch.ones(2, dtype=torch.float64), est, mix, best + len(masks), masks, False, False)
 
 
 def test_abi_version_matches_and_a_stale_module_is_rebuilt(native, monkeypatch):

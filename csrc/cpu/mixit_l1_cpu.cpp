@@ -195,7 +195,7 @@ void check_inputs(const at::Tensor& est, const at::Tensor& mixtures, const at::T
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> mixit_l1_forward_cpu(const at::Tensor& est_in, const at::Tensor& mixtures_in,
-                                                        const at::Tensor& masks_in) {
+                                                        const at::Tensor& masks_in, bool mean) {
   check_inputs(est_in, mixtures_in, masks_in);
   const at::Tensor est = est_in.contiguous(), mixtures = mixtures_in.contiguous(), masks = masks_in.contiguous();
   const auto loss_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -204,16 +204,19 @@ std::tuple<at::Tensor, at::Tensor> mixit_l1_forward_cpu(const at::Tensor& est_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, est.scalar_type(), "mixit_l1_forward_cpu", [&] {
     forward_impl<scalar_t>(est, mixtures, masks, row_loss, best);
   });
-  return {row_loss, best};
+  // The mean here, not in Python: one op dispatched from Python less, the host time that small calls are made of.
+  return {mean ? row_loss.mean() : row_loss, best};
 }
 
-std::tuple<at::Tensor, at::Tensor> mixit_l1_backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& est_in,
+std::tuple<at::Tensor, at::Tensor> mixit_l1_backward_cpu(const at::Tensor& grad, const at::Tensor& est_in,
                                                          const at::Tensor& mixtures_in, const at::Tensor& best_in,
-                                                         const at::Tensor& masks_in, bool mixtures_grad) {
+                                                         const at::Tensor& masks_in, bool mixtures_grad, bool mean) {
   check_inputs(est_in, mixtures_in, masks_in);
   const at::Tensor est = est_in.contiguous(), mixtures = mixtures_in.contiguous(), masks = masks_in.contiguous();
   const auto acc_dtype = est.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor grad_rows = grad_rows_in.to(acc_dtype).contiguous();
+  TORCH_CHECK(!mean || grad.dim() == 0, "the gradient of the rows' mean must be 0-dim, got ", grad.sizes());
+  // autograd's mean backward, bit for bit: the gradient expanded over the rows, divided by their count.
+  const at::Tensor grad_rows = (mean ? grad.expand({est.size(0)}).div(est.size(0)) : grad).to(acc_dtype).contiguous();
   const at::Tensor best = best_in.to(at::kLong).contiguous();
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == est.size(0) && best.dim() == 1 &&
                   best.size(0) == est.size(0),

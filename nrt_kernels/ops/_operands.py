@@ -29,3 +29,14 @@ def fused_operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             and not torch.is_inference_mode_enabled()):
         flat = flat.clone()
     return flat
+
+
+def reduced_rows(row_loss: torch.Tensor, mean: bool) -> torch.Tensor:
+    """The rows' mean (0-dim) when ``mean``, else the (B,) rows: for backends whose kernels write rows only."""
+    return row_loss.mean() if mean else row_loss
+
+
+def row_gradients(grad: torch.Tensor, batch: int, mean: bool) -> torch.Tensor:
+    """Contiguous (B,) gradients of the rows from the gradient of :func:`reduced_rows`' result: with ``mean``,
+    autograd's own mean backward (expand, then divide by the count)."""
+    return (grad.expand(batch) / batch if mean else grad).contiguous()

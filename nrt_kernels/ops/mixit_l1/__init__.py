@@ -15,7 +15,8 @@ import torch
 
 from ... import backends
 from ...assignments import candidate_assignments
-from .._operands import common_dtype, fused_operand, row_loss_dtype
+from .._eager import direct_apply, takes_direct_path
+from .._operands import common_dtype, fused_operand, reduced_rows, row_gradients, row_loss_dtype
 
 OP = "mixit_l1"
 
@@ -40,12 +41,7 @@ def _mixit_l1_fake(est, mixtures, partitions, impl):
 def mixit_l1_backward(grad_rows: torch.Tensor, est: torch.Tensor, mixtures: torch.Tensor, best: torch.Tensor,
                       partitions: str, impl: str, mixtures_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``mixit_l1``'s row losses; the mixtures' gradient is empty unless ``mixtures_grad``."""
-    return _backend_backward(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad)
-
-
-def _backend_backward(grad_rows, est, mixtures, best, partitions, impl, mixtures_grad):
-    grad_est, grad_mix = backends.lookup(OP, impl).backward(grad_rows.contiguous(), est, mixtures, best, partitions,
-                                                            mixtures_grad)
+    grad_est, grad_mix = backends.lookup(OP, impl).backward(grad_rows, est, mixtures, best, partitions, mixtures_grad)
     return grad_est, grad_mix if mixtures_grad else mixtures.new_empty(0)
 
 
@@ -63,10 +59,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(best)
 
 
-def _backward(ctx, grad_rows, _grad_best, run_backward=mixit_l1_backward):
+def _backward(ctx, grad_rows, _grad_best):
     est, mixtures, best = ctx.saved_tensors
     mixtures_grad = ctx.needs_input_grad[1]
-    grad_est, grad_mix = run_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
+    grad_est, grad_mix = mixit_l1_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
     return (grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None, None, None)
 
 
@@ -102,34 +98,41 @@ mixit_l1_backward.register_autograd(_double_backward, setup_context=_backward_se
 
 
 class _EagerMixitL1(torch.autograd.Function):
-    """``mixit_l1`` and its autograd without torch.library's dispatch, for eager calls on plain tensors: the same
-    backend functions and context, about half the host time of a tiny forward + backward on a CPU
-    (benchmarks/RESULTS.md).  Its forward takes ``ctx`` (no ``setup_context``): ``apply`` then binds no signature."""
+    """``mixit_l1`` and its autograd on the eager path (:mod:`.._eager`), the mean of the rows folded into the
+    backend's forward and backward (two ops and an autograd node less).  Its forward takes ``ctx`` (no
+    ``setup_context``): ``apply`` then binds no signature."""
 
     @staticmethod
     def forward(ctx, est, mixtures, partitions, impl, mean):
-        row_loss, best = backends.lookup(OP, impl).forward(est, mixtures, partitions)
-        _setup_context(ctx, (est, mixtures, partitions, impl), (row_loss, best))
+        loss, best = backends.lookup(OP, impl).forward(est, mixtures, partitions, mean=mean)
+        _setup_context(ctx, (est, mixtures, partitions, impl), (loss, best))
         ctx.mean = mean
-        return (row_loss.mean() if mean else row_loss), best
+        return loss, best
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_best):
-        # The mean's own backward, folded in (one autograd node less): the same expand / B.
-        grad_rows = grad_loss.expand(ctx.saved_tensors[2].shape) / ctx.saved_tensors[2].shape[0] if ctx.mean \
-            else grad_loss
-        # Grad mode is on only under create_graph=True: then the backward op, which has its own derivative.
-        run_backward = mixit_l1_backward if torch.is_grad_enabled() else _backend_backward
-        return (*_backward(ctx, grad_rows, grad_best, run_backward=run_backward), None)
+    def backward(ctx, grad_loss, _grad_best):
+        est, mixtures, best = ctx.saved_tensors
+        mixtures_grad = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            # Only under create_graph=True: the backward op, which has its own derivative.
+            grad_est, grad_mix = mixit_l1_backward(row_gradients(grad_loss, best.shape[0], ctx.mean), est, mixtures,
+                                                   best, ctx.partitions, ctx.impl, mixtures_grad)
+        else:
+            grad_est, grad_mix = backends.lookup(OP, ctx.impl).backward(grad_loss, est, mixtures, best, ctx.partitions,
+                                                                        mixtures_grad, mean=ctx.mean)
+        return grad_est if ctx.needs_input_grad[0] else None, grad_mix if mixtures_grad else None, None, None, None
+
+
+_apply_eager = direct_apply(_EagerMixitL1)
 
 
 def mixit_l1_reduced(est, mixtures, partitions: str, impl: str, mean: bool):
-    """``mixit_l1`` with autograd, the row losses averaged when ``mean``: the custom op where torch.compile traces
-    it or a tensor subclass (such as a FakeTensor) dispatches it; the direct path otherwise."""
-    if torch.compiler.is_compiling() or type(est) is not torch.Tensor or type(mixtures) is not torch.Tensor:
+    """``mixit_l1`` with autograd, the row losses averaged when ``mean``: the custom op where
+    :func:`takes_direct_path` says so, the eager path otherwise."""
+    if not takes_direct_path(est, mixtures):
         row_loss, best = mixit_l1(est, mixtures, partitions, impl)
-        return (row_loss.mean() if mean else row_loss), best
-    return _EagerMixitL1.apply(est, mixtures, partitions, impl, mean)
+        return reduced_rows(row_loss, mean), best
+    return _apply_eager(est, mixtures, partitions, impl, mean)
 
 
 def remix(est: torch.Tensor, assignment: torch.Tensor, num_mixtures: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ... import backends
 from ..._cuda_lib import check, load
 from ...assignments import candidate_masks, num_candidates
 from ...build_config import CUDA_DTYPE_CODES
+from .._operands import reduced_rows, row_gradients
 
 _library = load()  # raises CudaLibraryError saying how to get it
 _DTYPE_CODES = {getattr(torch, name): code for name, code in CUDA_DTYPE_CODES.items()}
@@ -49,7 +50,7 @@ def _forward_workspace(lib, device, sizes) -> int:
     return floats
 
 
-def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
+def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, *, mean: bool = False):
     dtype = _check_inputs(est, mixtures)
     lib = _library
     est, mixtures = est.contiguous(), mixtures.contiguous()
@@ -67,10 +68,10 @@ def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str):
             row_loss.data_ptr(), best.data_ptr(), batch, num_sources, num_mixtures, length,
             num_candidates(num_sources, num_mixtures, partitions), dtype, torch.cuda.current_stream(device).cuda_stream)
         check(lib, code, "forward")
-    return row_loss, best
+    return reduced_rows(row_loss, mean), best
 
 
-def backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool):
+def backward(grad, est, mixtures, best, partitions: str, mixtures_grad: bool, *, mean: bool = False):
     dtype = _check_inputs(est, mixtures)
     lib = _library
     est, mixtures = est.contiguous(), mixtures.contiguous()
@@ -78,7 +79,7 @@ def backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: boo
     num_mixtures = mixtures.shape[1]
     device = est.device
     with _on_device(device):
-        grad_rows = grad_rows.to(device=device, dtype=torch.float32).contiguous()
+        grad_rows = row_gradients(grad, batch, mean).to(device=device, dtype=torch.float32).contiguous()
         best = best.to(device=device, dtype=torch.int64).contiguous()
         grad_est = torch.empty_like(est)
         grad_mix = torch.empty_like(mixtures) if mixtures_grad else None
@@ -89,7 +90,6 @@ def backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: boo
             batch, num_sources, num_mixtures, length, dtype, torch.cuda.current_stream(device).cuda_stream)
         check(lib, code, "backward")
     return grad_est, grad_mix
-
 
 
 backends.register("mixit_l1", "cuda", backends.Kernel(forward, backward))

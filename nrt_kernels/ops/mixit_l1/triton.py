@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ... import backends
 from ...assignments import candidate_masks, num_candidates
-from .._operands import row_loss_dtype
+from .._operands import reduced_rows, row_gradients, row_loss_dtype
 from .._triton_launch import PlanCache, acc_dtype, check_runnable, programs_per_wave, sign
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +249,8 @@ def select_best(partials: torch.Tensor, row_loss: torch.Tensor, best: torch.Tens
     )
 
 
-def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, config: PartialsConfig | None = None):
+def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, config: PartialsConfig | None = None, *,
+            mean: bool = False):
     check_runnable(est)
     config = config or default_partials_config(est.shape[1], mixtures.shape[1])
     plan = forward_plan(est, mixtures, partitions, config)
@@ -260,13 +261,14 @@ def forward(est: torch.Tensor, mixtures: torch.Tensor, partitions: str, config: 
     row_loss = torch.empty(batch, dtype=loss_dtype, device=est.device)
     best = torch.empty(batch, dtype=torch.int64, device=est.device)
     select_best(partials, row_loss, best, est.shape[1], partitions, length)
-    return row_loss, best
+    return reduced_rows(row_loss, mean), best
 
 
-def backward(grad_rows, est, mixtures, best, partitions: str, mixtures_grad: bool,
-             config: BackwardConfig = BackwardConfig()):
+def backward(grad, est, mixtures, best, partitions: str, mixtures_grad: bool,
+             config: BackwardConfig = BackwardConfig(), *, mean: bool = False):
     check_runnable(est)
     batch, num_sources, length = est.shape
+    grad_rows = row_gradients(grad, batch, mean)
     num_mixtures = mixtures.shape[1]
     grad_est = torch.empty_like(est)
     grad_mix = torch.empty_like(mixtures) if mixtures_grad else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ... import backends
+from .._eager import direct_apply, takes_direct_path
 from .._operands import row_loss_dtype
 
 OP = "noise_robust_l1"
@@ -113,9 +114,8 @@ noise_robust_l1_backward.register_autograd(_double_backward, setup_context=_back
 
 
 class _EagerNoiseRobustL1(torch.autograd.Function):
-    """``noise_robust_l1`` and its autograd without torch.library's dispatch, for eager calls on plain tensors: the
-    same backend functions and context, about 30 us less host time per forward + backward on a CPU
-    (benchmarks/RESULTS.md).  Its forward takes ``ctx`` (no ``setup_context``): ``apply`` then binds no signature."""
+    """``noise_robust_l1`` and its autograd on the eager path (:mod:`.._eager`): the same backend functions and
+    context.  Its forward takes ``ctx`` (no ``setup_context``): ``apply`` then binds no signature."""
 
     @staticmethod
     def forward(ctx, est, targets, teacher, pair_masks, source_weights, weights, divisor, impl):
@@ -131,18 +131,14 @@ class _EagerNoiseRobustL1(torch.autograd.Function):
         return _backward(ctx, grad_loss, grad_terms, grad_best, run_backward=run_backward)
 
 
-# torch.autograd.Function.apply is a Python wrapper that unwraps torch.func tensors before the C apply beneath it;
-# calling that directly saves about 3 us a call where no such tensor can come (checked in noise_robust_l1_loss).
-_apply_eager = super(torch.autograd.Function, _EagerNoiseRobustL1).apply
-_is_functorch_tensor = torch._C._functorch.is_functorch_wrapped_tensor
+_apply_eager = direct_apply(_EagerNoiseRobustL1)
 
 
 def noise_robust_l1_loss(est, targets, teacher, pair_masks, source_weights, weights: list[float], divisor: float,
                          impl: str):
-    """``noise_robust_l1`` with autograd: the custom op where torch.compile traces it, a tensor subclass (such as a
-    FakeTensor) dispatches it or a torch.func wrapper outlived its transform; the direct path otherwise."""
-    if (torch.compiler.is_compiling() or type(est) is not torch.Tensor or _is_functorch_tensor(est)
-            or _is_functorch_tensor(targets) or _is_functorch_tensor(teacher)):
+    """``noise_robust_l1`` with autograd: the custom op where :func:`takes_direct_path` says so, the eager path
+    otherwise."""
+    if not takes_direct_path(est, targets, teacher):
         return noise_robust_l1(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
     return _apply_eager(est, targets, teacher, pair_masks, source_weights, weights, divisor, impl)
 
