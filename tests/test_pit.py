@@ -523,3 +523,18 @@ def test_compat_metric_names():
         worst = PITLossWrapper("mse", pit_from="pw_pt", perm_reduce=reduce)(est, targets)
     want = reference.pit_wrapper_loss(reference.PairwiseMSE(), "pw_mtx", est, targets, perm_reduce=reduce)
     torch.testing.assert_close(worst, want)
+
+
+def test_report_has_pit_rows_past_asteroids_limit():
+    from nrt_kernels.bench import cases
+
+    names = [case.name for case in cases.build_cases((2, 4, 1, 64), max_sources=32)]
+    assert [name for name in names if name.startswith("pit-")] == [f"pit-sisdr-{m}" for m in (2, 3, 4, 8, 16, 24, 32)]
+    assert not any(name.startswith("pit-sisdr-16") for name in
+                   (case.name for case in cases.build_cases((2, 4, 1, 64))))  # the default --max-sources 8
+    by_name = {case.name: case for case in cases.build_cases((2, 4, 1, 64), max_sources=32)}
+    for name, searched in (("pit-sisdr-3", 6), ("pit-sisdr-24", 1)):
+        case = by_name[name]
+        assert case.op == OP and case.candidates == searched
+        inputs = cases.make_inputs(case, torch.device("cpu"), torch.float64)
+        torch.testing.assert_close(case.impl_loss(inputs, impl="reference"), case.reference_loss(inputs))

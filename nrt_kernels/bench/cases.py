@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from functools import partial
 from typing import Callable
 
@@ -65,7 +66,8 @@ class Case:
     inputs: Callable[[Draw], dict]
     reference_loss: Callable[[dict], torch.Tensor]
     impl_loss: Callable[[dict, str], torch.Tensor]
-    # Candidate assignments per row: torch.compile of the loop unrolls them all, so big ones are not compiled.
+    # Candidate assignments per row the loop scores one by one: torch.compile of the loop unrolls them all, so big
+    # ones are not compiled.
     candidates: int = 1
     partitions: str = ""
 
@@ -145,6 +147,45 @@ def gram_cases(shape: tuple[int, ...], *, max_sources: int = 8, min_sources: int
 
 
 # ----------------------------------------------------------------------------------------------
+# PIT with SI-SDR: M = 2, 3, 4, 8 and, past asteroid's limit of 9, 16, 24, 32 estimates against M targets
+# ----------------------------------------------------------------------------------------------
+
+PIT_CASE_SOURCES = (2, 3, 4, 8, 16, 24, 32)
+# asteroid's PITLossWrapper searches every permutation up to this many sources, and runs scipy's Hungarian above.
+ASTEROID_FACTORIAL_SOURCES = 3
+
+
+def _pit_inputs(shape: tuple[int, ...], draw: Draw) -> dict:
+    return {"est": draw.randn(*shape), "targets": draw.randn(*shape)}
+
+
+def _pit_reference(inputs: dict) -> torch.Tensor:
+    # asteroid's PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx"): its (B, M, M, T) pairwise SI-SDR, then the
+    # factorial search or scipy's linear_sum_assignment per row on the host.
+    return reference.pit_loss(inputs["est"], inputs["targets"], metric="sisdr", solver="auto")
+
+
+def _pit_impl(inputs: dict, impl: str) -> torch.Tensor:
+    from ..losses import pit_loss
+
+    return pit_loss(inputs["est"], inputs["targets"], metric="sisdr", impl=impl)
+
+
+def pit_cases(shape: tuple[int, ...], *, max_sources: int = 8, min_sources: int = 2) -> list[Case]:
+    batch, _, channels, length = shape
+    cases = []
+    for sources in PIT_CASE_SOURCES:
+        if not min_sources <= sources <= max_sources:
+            continue
+        case_shape = (batch, sources, channels, length)
+        # The loop scores permutations one by one only in its factorial search; scipy solves a row at once.
+        searched = math.factorial(sources) if sources <= ASTEROID_FACTORIAL_SOURCES else 1
+        cases.append(Case(f"pit-sisdr-{sources}", "pit", "pit-sisdr", case_shape, partial(_pit_inputs, case_shape),
+                          _pit_reference, _pit_impl, searched))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
 # The noise-robust losses V1 / V2 with every term active
 # ----------------------------------------------------------------------------------------------
 
@@ -187,6 +228,9 @@ FAMILIES = [
     CaseFamily("v1, v2", "the noise-robust losses, all terms active", noise_robust_cases, ("v1", "v2")),
     CaseFamily("sisdr-M, log_mse-M", "MixIT of M sources against 2 mixtures (every assignment) with asteroid's "
                "SI-SDR / Google's log-MSE (one Gram pass)", gram_cases, ("sisdr-4", "log_mse-4")),
+    CaseFamily("pit-sisdr-M (M = 2, 3, 4, 8, 16, 24, 32)", "PIT of M estimates against M targets with asteroid's "
+               "SI-SDR (its PITLossWrapper: factorial search up to 3, scipy's Hungarian above)", pit_cases,
+               ("pit-sisdr-4",)),
 ]
 
 
