@@ -320,6 +320,8 @@ def test_custom_op_registration_passes_opcheck(impl, device):
     (dict(weights=[1, 2]), "needs 3 weights"),
     (dict(weights=[1, -1, 0]), ">= 0"),
     (dict(pairing=torch.tensor([0, 1, 1, 2])), "permutation"),
+    (dict(pairing=torch.tensor([[0, 1, 2, 3], [3, 0, 1, 3]])), "permutation"),
+    (dict(pairing=torch.tensor([0, 1, 2, 4], dtype=torch.uint8)), "permutation"),
     (dict(pairing=torch.tensor([[0, 1, 2, 3]] * 3)), "shape"),
     (dict(pairing="random"), "per_example"),
     (dict(normalize="sum"), "normalize"),

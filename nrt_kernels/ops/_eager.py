@@ -1,7 +1,7 @@
 """The eager path every fused op shares: an ``autograd.Function`` over the backend functions instead of the
 torch.library custom op, for calls that no tracer, tensor subclass or torch.func wrapper can see.  It does the same
-work with about half the host time of a tiny forward + backward on a CPU (benchmarks/RESULTS.md, issue 10's host
-figures); torch.compile, FakeTensors and tensor subclasses keep the custom op, which also serves double backward.
+work with about half the host time of a tiny forward + backward on a CPU (benchmarks/host_overhead.py); torch.compile,
+FakeTensors and tensor subclasses keep the custom op, which also serves double backward.
 """
 from __future__ import annotations
 

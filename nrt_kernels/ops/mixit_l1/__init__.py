@@ -5,9 +5,12 @@ sources once per mixture (``N * 2**M`` terms per element instead of ``N * N**M``
 best candidate (NaN first, like ``torch.min``); the backward reads est, mixtures and the chosen candidate and
 writes ``grad_est = grad_row * sign(err of the source's mixture) / (N * D)`` in one pass.
 
-The backends (``triton.py``, ``cpu.py``, ``cuda.py``) register ``forward(est, mixtures, partitions) -> (row_loss,
-best)`` and ``backward(grad_rows, est, mixtures, best, partitions, mixtures_grad) -> (grad_est, grad_mixtures or
-None)`` with :mod:`nrt_kernels.backends`; autograd, torch.compile and the front-ends never care which one ran.
+The backends (``triton.py``, ``cpu.py``, ``cuda.py``) register ``forward(est, mixtures, partitions, *, mean=False)
+-> (row_loss, or its mean when ``mean``; best)`` and ``backward(grad, est, mixtures, best, partitions, mixtures_grad,
+*, mean=False) -> (grad_est, grad_mixtures or None)``, ``grad`` being the rows' (B,) gradient or, with ``mean``,
+the 0-dim gradient of their mean, with :mod:`nrt_kernels.backends`; autograd, torch.compile and the front-ends never
+care which one ran.  The C++ backend folds the mean into its kernels (two Python-dispatched ops less per eager call),
+the GPU backends take :func:`.._operands.reduced_rows` / :func:`.._operands.row_gradients`.
 """
 from __future__ import annotations
 
