@@ -24,8 +24,6 @@ caching allocator would; ``--fresh-pages`` leaves glibc's defaults.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import os
 import platform
@@ -37,6 +35,7 @@ import torch
 
 import nrt_kernels
 from nrt_kernels import reference
+from nrt_kernels.bench.timing import reuse_freed_memory
 
 SHAPE = dict(batch=4, mixtures=2, channels=2, samples=44100)
 TARGETS = {4: 30.0, 8: 200.0}
@@ -65,17 +64,6 @@ def fused(metric):
 
 def loop(metric):
     return lambda est, mixtures: reference.mixit_loss(est, mixtures, metric=metric)
-
-
-def reuse_freed_memory() -> bool:
-    """glibc: serve large allocations from the heap and never trim it (M_MMAP_THRESHOLD = 32 MiB, its maximum;
-    M_TRIM_THRESHOLD = 1 GiB).  Returns whether it could."""
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def time_ms(step, clock) -> float:

@@ -10,6 +10,10 @@ MixIT op alone (``mixit_loss(impl="cpu")`` on the same est and the pairing's two
 backward.  Times are process CPU time (with one thread, the compute cost, unaffected by other processes
 preempting this one); impls alternate round by round so that a load change hits all of them alike.
 ``--profile`` prints where the host time of the tiny V1 call goes (cProfile, by own time).
+
+Allocator: as in bench_mixit_metrics_cpu.py, freed memory is kept for reuse (glibc's ``mallopt``; see
+``nrt_kernels.bench.timing.reuse_freed_memory``), so that no impl pays page faults of a fresh 5.6 MB gradient that
+another impl's order spared it; ``--fresh-pages`` leaves glibc's defaults.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 
 import nrt_kernels
 from nrt_kernels import reference
+from nrt_kernels.bench.timing import reuse_freed_memory
 
 KERNEL_SHAPE = (4, 4, 2, 44100)
 HOST_SHAPE = (1, 4, 16)
@@ -105,8 +110,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every impl")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per impl")
     parser.add_argument("--profile", action="store_true", help="cProfile the tiny V1 call's host time")
+    parser.add_argument("--fresh-pages", action="store_true", help="leave glibc's allocator thresholds as they are")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    reused = False if args.fresh_pages else reuse_freed_memory()
 
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {cpu_model()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}, "
@@ -119,7 +126,8 @@ def main() -> None:
              "iSeparate-style loop V1": noise_robust_step("v1", "reference", *inputs)}
     calls = {name: 1 if name.startswith("iSeparate") else 5 for name in steps}
     times = time_rounds(steps, args.rounds, calls)
-    print(f"\nkernel case: B, S, C, T = {KERNEL_SHAPE}, float32, forward+backward, process CPU time")
+    print(f"\nkernel case: B, S, C, T = {KERNEL_SHAPE}, float32, forward+backward, process CPU time, freed memory "
+          f"{'reused (mallopt)' if reused else 'returned to the system (glibc default)'}")
     print_table(times, unit_ms=True)
     for statistic in (statistics.median, min):
         value = {name: statistic(values) for name, values in times.items()}

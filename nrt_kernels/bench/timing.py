@@ -2,11 +2,27 @@
 copy bandwidth that the report's %copy column divides by.  GPU scripts in benchmarks/ use the same timers."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import platform
 import statistics
 import time
 from typing import Callable
 
 import torch
+
+
+def reuse_freed_memory() -> bool:
+    """glibc: serve large allocations from the heap and never trim it (M_MMAP_THRESHOLD = 32 MiB, its maximum;
+    M_TRIM_THRESHOLD = 1 GiB), as a caching allocator would.  By default glibc returns a freed gradient-sized block
+    (a few MB) to the system and page-faults a fresh one in on the next step (1-2 ms on a VM, more than a fused
+    loss), and which of the impls that take turns pays it depends on their order.  Returns whether it could."""
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def fwd_bwd_step(loss_of: Callable, inputs: dict) -> Callable:
