@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
 import nrt_kernels
 from nrt_kernels import reference
+from nrt_kernels.bench.report import cpu_model
 from nrt_kernels.bench.timing import reuse_freed_memory
 
 SHAPE = dict(batch=4, mixtures=2, channels=2, samples=44100)
@@ -70,16 +69,6 @@ def time_ms(step, clock) -> float:
     begin = clock()
     step()
     return 1e3 * (clock() - begin)
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:

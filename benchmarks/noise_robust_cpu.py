@@ -24,13 +24,13 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import time
 
 import torch
 
 import nrt_kernels
 from nrt_kernels import reference
+from nrt_kernels.bench.report import cpu_model
 from nrt_kernels.bench.timing import reuse_freed_memory
 
 KERNEL_SHAPE = (4, 4, 2, 44100)
@@ -86,16 +86,6 @@ def time_rounds(steps: dict, rounds: int, calls) -> dict:
                 step()
             times[name].append(1e6 * (time.process_time() - begin) / count)
     return times
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def print_table(times: dict, unit_ms: bool) -> None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import pytest
@@ -26,6 +24,7 @@ import torch
 
 import nrt_kernels
 from nrt_kernels import reference
+from nrt_kernels.bench.report import cpu_model
 
 SHAPE = dict(batch=4, sources=4, mixtures=2, channels=2, samples=44100)
 
@@ -98,16 +97,6 @@ def time_ms(step, inputs, clock=time.perf_counter) -> float:
     begin = clock()
     step(*inputs)
     return 1e3 * (clock() - begin)
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
