@@ -91,6 +91,25 @@ struct TileLayout {
 // The mixture a noisy stem joins under the row's pairing: 0 when its bit is set.
 inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pair_mask >> source) & 1) ? 0 : 1; }
 
+// The look-ahead of both passes: while a source's loop works on a block of a chunk, it asks for the same block of
+// the source's next chunk, `ahead` elements on (for the first `ahead_count` elements, those of the tile).  A row's
+// 3 * S input streams (and S gradient streams) are more than the hardware prefetchers follow across 4 KiB pages,
+// and the V1/V2 inputs rarely stay in the last-level cache between forward and backward; asked for block by block,
+// the lines arrive spread over the whole chunk instead of in one burst at its top (measured slower:
+// benchmarks/RESULTS.md).  A forward without MixIT streams with no search between its loads, and there the hardware
+// prefetchers alone are faster: it asks for nothing.  A hint only: no result changes.
+template <bool kForWrite = false>
+NRT_ALWAYS_INLINE void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(address, kForWrite ? 1 : 0);
+#endif
+}
+
+// How many elements of a chunk at `start` have a next chunk `ahead` elements on inside [start, end).
+inline int64_t look_ahead_count(int64_t start, int64_t count, int64_t ahead, int64_t end) {
+  return std::max<int64_t>(0, std::min(count, end - start - ahead));
+}
+
 // One source's share of a forward chunk of `count` elements, read straight from the inputs: |est - y| and
 // |est - teacher| into the source's lanes (element i into lane i mod kLanes), est into `x` (its row of the
 // subset table), y into its pairing mixture `mix`, est and y into the totals.
@@ -99,7 +118,7 @@ NRT_ISA_CLONES void source_partials(const scalar_t* __restrict__ est, const scal
                                     const scalar_t* __restrict__ teacher, int64_t count, acc_t* __restrict__ x,
                                     acc_t* __restrict__ mix, acc_t* __restrict__ est_total,
                                     acc_t* __restrict__ y_total, acc_t* __restrict__ l1_lanes,
-                                    acc_t* __restrict__ teacher_lanes) {
+                                    acc_t* __restrict__ teacher_lanes, int64_t ahead, int64_t ahead_count) {
   constexpr bool kTargets = (kTerms & (kL1 | kConsistency | kMixit)) != 0;
   acc_t l1[kLanes], dist[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
@@ -122,6 +141,11 @@ NRT_ISA_CLONES void source_partials(const scalar_t* __restrict__ est, const scal
   };
   const int64_t full = count - count % kLanes;
   for (int64_t b = 0; b < full; b += kLanes) {
+    if (b < ahead_count) {
+      prefetch(est + ahead + b);
+      if constexpr (kTargets) prefetch(y + ahead + b);
+      if constexpr ((kTerms & kTeacher) != 0) prefetch(teacher + ahead + b);
+    }
     for (int64_t l = 0; l < kLanes; ++l) element(b + l, l);
   }
   for (int64_t i = full; i < count; ++i) element(i, i - full);
@@ -133,7 +157,7 @@ NRT_ISA_CLONES void source_partials(const scalar_t* __restrict__ est, const scal
 
 template <typename scalar_t, typename acc_t>
 using SourcePartials = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t*, acc_t*, acc_t*,
-                                acc_t*, acc_t*, acc_t*);
+                                acc_t*, acc_t*, acc_t*, int64_t, int64_t);
 
 template <typename scalar_t, typename acc_t>
 struct PickSourcePartials {
@@ -142,27 +166,6 @@ struct PickSourcePartials {
     static constexpr SourcePartials<scalar_t, acc_t> value = &source_partials<kTerms, scalar_t, acc_t>;
   };
 };
-
-// Asks for the next chunk's inputs, [next, min(next + chunk, end)) of every source, while the current one is
-// computed: a row's 3 * S streams are more than the hardware prefetchers follow, and the V1/V2 inputs (three
-// tensors) rarely stay in the last-level cache between forward and backward.  A hint only: no result changes.
-template <typename scalar_t>
-NRT_ALWAYS_INLINE void prefetch_chunk(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
-                                      const ActiveTerms& use, int64_t num_sources, int64_t length, int64_t next,
-                                      int64_t end, int64_t chunk) {
-#if defined(__GNUC__) || defined(__clang__)
-  constexpr int64_t kPerLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t count = std::min(chunk, end - next);
-  for (int64_t s = 0; s < num_sources; ++s) {
-    const int64_t offset = s * length + next;
-    for (int64_t i = 0; i < count; i += kPerLine) {
-      __builtin_prefetch(est_row + offset + i);
-      if (use.reads_targets()) __builtin_prefetch(y_row + offset + i);
-      if (use.teacher) __builtin_prefetch(teacher_row + offset + i);
-    }
-  }
-#endif
-}
 
 // Stage 1 for one (row, tile) over [begin, end).  `workspace`: the [2**S][chunk] subset table (with MixIT; else
 // one chunk for est), [2][chunk] mixtures, [2][chunk] totals, then the lane accumulators, one kLanes block per
@@ -196,11 +199,11 @@ NRT_ISA_CLONES void tile_partials(const scalar_t* est_row, const scalar_t* y_row
       source_fn(est_row + offset, use.reads_targets() ? y_row + offset : nullptr,
                 use.teacher ? teacher_row + offset : nullptr, count, x,
                 mix + pairing_mixture(pair_mask, s) * chunk, est_total, y_total,
-                lanes + (layout.l1() + s) * kLanes, lanes + (layout.teacher() + s) * kLanes);
+                lanes + (layout.l1() + s) * kLanes, lanes + (layout.teacher() + s) * kLanes, chunk,
+                use.mixit ? look_ahead_count(start, count, chunk, end) : 0);
       std::fill(x + count, x + padded, acc_t(0));
     }
     if (use.consistency) accumulate_l1(est_total, y_total, padded, lanes + layout.consistency() * kLanes);
-    prefetch_chunk(est_row, y_row, teacher_row, use, num_sources, length, start + chunk, end, chunk);
     if (use.mixit) score_subsets(sums, mix, num_sources, kMixtures, chunk, padded, lanes);
   }
   for (int64_t i = 0; i < layout.size(); ++i) partial[i] = lane_total(lanes + i * kLanes);
@@ -310,11 +313,12 @@ NRT_ISA_CLONES void source_backward(const scalar_t* __restrict__ est, const scal
                                     const scalar_t* __restrict__ teacher, int64_t size, acc_t l1_coef,
                                     acc_t teacher_coef, acc_t* __restrict__ est_mix, acc_t* __restrict__ y_mix,
                                     acc_t* __restrict__ est_total, acc_t* __restrict__ y_total,
-                                    acc_t* __restrict__ own, scalar_t* __restrict__ grad) {
+                                    acc_t* __restrict__ own, scalar_t* __restrict__ grad, int64_t ahead,
+                                    int64_t ahead_count) {
   constexpr bool kTargets = (kTerms & (kL1 | kConsistency | kMixit)) != 0;
   constexpr bool kShared = (kTerms & (kConsistency | kMixit)) != 0;
   constexpr bool kOwn = (kTerms & (kL1 | kTeacher)) != 0;
-  for (int64_t l = 0; l < size; ++l) {
+  auto element = [&](int64_t l) {
     const acc_t e = static_cast<acc_t>(est[l]);
     const acc_t target = kTargets ? static_cast<acc_t>(y[l]) : acc_t(0);
     if constexpr ((kTerms & kMixit) != 0) {
@@ -333,7 +337,20 @@ NRT_ISA_CLONES void source_backward(const scalar_t* __restrict__ est, const scal
     } else if constexpr (kOwn) {
       own[l] = g;
     }
+  };
+  // In blocks of kLanes, so that the look-ahead is one branch per block, not per element.
+  const int64_t full = size - size % kLanes;
+  for (int64_t b = 0; b < full; b += kLanes) {
+    if (b < ahead_count) {
+      prefetch(est + ahead + b);
+      if constexpr (kTargets) prefetch(y + ahead + b);
+      if constexpr ((kTerms & kTeacher) != 0) prefetch(teacher + ahead + b);
+      prefetch</*kForWrite=*/true>(grad + ahead + b);
+    }
+    NRT_INDEPENDENT_ITERATIONS
+    for (int64_t l = b; l < b + kLanes; ++l) element(l);
   }
+  for (int64_t l = full; l < size; ++l) element(l);
 }
 
 // Backward pass 2 for one source: its own terms' gradient (if any) plus the consistency and MixIT terms' signed
@@ -352,7 +369,7 @@ NRT_ISA_CLONES void source_finish(const acc_t* __restrict__ own, const acc_t* __
 template <typename scalar_t, typename acc_t>
 struct BackwardSource {
   using Backward = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t, acc_t*, acc_t*,
-                            acc_t*, acc_t*, acc_t*, scalar_t*);
+                            acc_t*, acc_t*, acc_t*, scalar_t*, int64_t, int64_t);
   using Finish = void (*)(const acc_t*, const acc_t*, const acc_t*, int64_t, scalar_t*);
 
   template <int kTerms>
@@ -395,15 +412,14 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
   const bool shared = use.mixit || use.consistency;
   for (int64_t start = begin; start < end; start += kBackwardChunk) {
     const int64_t size = std::min(kBackwardChunk, end - start);
-    prefetch_chunk(est_row, y_row, teacher_row, use, num_sources, length, start + kBackwardChunk, end,
-                   kBackwardChunk);
     if (shared) std::fill(workspace, workspace + (2 * kMixtures + 2) * kBackwardChunk, acc_t(0));
     for (int64_t s = 0; s < num_sources; ++s) {
       const int64_t offset = s * length + start;
       source.backward(est_row + offset, use.reads_targets() ? y_row + offset : nullptr,
                       use.teacher ? teacher_row + offset : nullptr, size, coef.l1[s], coef.teacher[s],
                       est_mix + chosen_mixture[s] * kBackwardChunk, y_mix + target_mixture[s] * kBackwardChunk,
-                      est_total, y_total, own + s * kBackwardChunk, grad_row + offset);
+                      est_total, y_total, own + s * kBackwardChunk, grad_row + offset, kBackwardChunk,
+                      look_ahead_count(start, size, kBackwardChunk, end));
     }
     if (!shared) continue;
     // The signs every source shares: each mixture error of the chosen candidate against the pairing's mixtures,

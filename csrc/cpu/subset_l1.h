@@ -42,6 +42,15 @@ constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 #else
 #define NRT_ISA_CLONES
 #endif
+// Asserts that the next loop's iterations are independent: for loops whose buffers are distinct but reached through
+// a lambda's captures, where the compiler loses __restrict__ and would otherwise not vectorise the loop at all.
+#if defined(__clang__)
+#define NRT_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define NRT_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
+#else
+#define NRT_INDEPENDENT_ITERATIONS
+#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define NRT_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
