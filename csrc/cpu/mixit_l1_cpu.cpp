@@ -42,10 +42,14 @@ NRT_ISA_CLONES void subset_l1_partials(const scalar_t* est_row, const scalar_t* 
 
   for (int64_t start = begin; start < end; start += chunk) {
     const int64_t count = std::min(chunk, end - start);
+    // Each stream asks for its next chunk block by block while it loads this one (subset_l1.h, prefetch).
+    const int64_t ahead_count = look_ahead_count(start, count, chunk, end);
     for (int64_t s = 0; s < num_sources; ++s) {
-      load_chunk(est_row + s * length + start, count, sums + (int64_t(1) << s) * chunk);
+      load_chunk(est_row + s * length + start, count, sums + (int64_t(1) << s) * chunk, chunk, ahead_count);
     }
-    for (int64_t n = 0; n < num_mixtures; ++n) load_chunk(mix_row + n * length + start, count, mix + n * chunk);
+    for (int64_t n = 0; n < num_mixtures; ++n) {
+      load_chunk(mix_row + n * length + start, count, mix + n * chunk, chunk, ahead_count);
+    }
     score_subsets(sums, mix, num_sources, num_mixtures, chunk, ceil_div(count, kLanes) * kLanes, lanes);
   }
   for (int64_t i = 0; i < num_mixtures * num_masks; ++i) partial[i] = lane_total(lanes + i * kLanes);
@@ -110,14 +114,19 @@ NRT_ISA_CLONES void sign_gradients(const scalar_t* est_row, const scalar_t* mix_
     const int64_t size = std::min(kBackwardChunk, end - start);
     // err_n = (sum of the sources assigned to n, in increasing source order) - mix_n.
     std::fill(grad, grad + num_mixtures * kBackwardChunk, acc_t(0));
+    // Each stream asks for its next chunk (and the gradient's lines for writing) before it reads this one.
+    const int64_t ahead_count = look_ahead_count(start, size, kBackwardChunk, end);
     for (int64_t s = 0; s < num_sources; ++s) {
       const scalar_t* __restrict__ x = est_row + s * length + start;
       acc_t* __restrict__ err = grad + owner[s] * kBackwardChunk;
+      prefetch_elements(x + kBackwardChunk, ahead_count);
+      prefetch_elements</*kForWrite=*/true>(grad_est_row + s * length + start + kBackwardChunk, ahead_count);
       for (int64_t l = 0; l < size; ++l) err[l] += static_cast<acc_t>(x[l]);
     }
     for (int64_t n = 0; n < num_mixtures; ++n) {
       const scalar_t* __restrict__ m = mix_row + n * length + start;
       acc_t* __restrict__ g = grad + n * kBackwardChunk;
+      prefetch_elements(m + kBackwardChunk, ahead_count);
       for (int64_t l = 0; l < size; ++l) g[l] = scale * sign(g[l] - static_cast<acc_t>(m[l]));
     }
     for (int64_t s = 0; s < num_sources; ++s) {

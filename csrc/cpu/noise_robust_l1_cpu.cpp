@@ -91,24 +91,12 @@ struct TileLayout {
 // The mixture a noisy stem joins under the row's pairing: 0 when its bit is set.
 inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pair_mask >> source) & 1) ? 0 : 1; }
 
-// The look-ahead of both passes: while a source's loop works on a block of a chunk, it asks for the same block of
-// the source's next chunk, `ahead` elements on (for the first `ahead_count` elements, those of the tile).  A row's
-// 3 * S input streams (and S gradient streams) are more than the hardware prefetchers follow across 4 KiB pages,
-// and the V1/V2 inputs rarely stay in the last-level cache between forward and backward; asked for block by block,
-// the lines arrive spread over the whole chunk instead of in one burst at its top (measured slower:
-// benchmarks/RESULTS.md).  A forward without MixIT streams with no search between its loads, and there the hardware
-// prefetchers alone are faster: it asks for nothing.  A hint only: no result changes.
-template <bool kForWrite = false>
-NRT_ALWAYS_INLINE void prefetch(const void* address) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address, kForWrite ? 1 : 0);
-#endif
-}
-
-// How many elements of a chunk at `start` have a next chunk `ahead` elements on inside [start, end).
-inline int64_t look_ahead_count(int64_t start, int64_t count, int64_t ahead, int64_t end) {
-  return std::max<int64_t>(0, std::min(count, end - start - ahead));
-}
+// The look-ahead of both passes (subset_l1.h's prefetch): while a source's loop works on a block of a chunk, it
+// asks for the same block of the source's next chunk.  A row's 3 * S input streams (and S gradient streams) are
+// more than the hardware prefetchers follow, and the V1/V2 inputs rarely stay in the last-level cache between
+// forward and backward; asked for block by block, the lines arrive spread over the whole chunk instead of in one
+// burst at its top (measured slower: benchmarks/RESULTS.md).  A forward without MixIT streams with no search between
+// its loads, and there the hardware prefetchers alone are faster: it asks for nothing.
 
 // One source's share of a forward chunk of `count` elements, read straight from the inputs: |est - y| and
 // |est - teacher| into the source's lanes (element i into lane i mod kLanes), est into `x` (its row of the

@@ -59,6 +59,27 @@ constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Asks for the cache line at `address` ahead of its use (`kForWrite`: to be written).  The kernels read several
+// streams a chunk at a time with a long computation between the chunks, which the hardware prefetchers do not
+// follow; each asks for its next chunk while it works on the current one.  A hint only: no result changes.
+template <bool kForWrite = false>
+NRT_ALWAYS_INLINE void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(address, kForWrite ? 1 : 0);
+#endif
+}
+
+// How many elements of a chunk of `count` at `start` have their next chunk, `ahead` elements on, before `end`.
+inline int64_t look_ahead_count(int64_t start, int64_t count, int64_t ahead, int64_t end) {
+  return std::max<int64_t>(0, std::min(count, end - start - ahead));
+}
+
+// Asks for the first `count` elements at `src` (one line per kLanes elements).
+template <bool kForWrite = false, typename scalar_t>
+NRT_ALWAYS_INLINE void prefetch_elements(const scalar_t* src, int64_t count) {
+  for (int64_t b = 0; b < count; b += kLanes) prefetch<kForWrite>(src + b);
+}
+
 // Loads `count` (<= kLanes) elements converted to the accumulation type, zero-padded: padded lanes add exactly
 // 0 to every |a - b| term whose operands are both padded.
 template <typename scalar_t, typename acc_t>
@@ -70,10 +91,14 @@ NRT_ALWAYS_INLINE void load_lanes(const scalar_t* __restrict__ src, int64_t coun
   }
 }
 
-// Loads `count` elements of one row into a chunk buffer, zero-padded to whole lane blocks.
+// Loads `count` elements of one row into a chunk buffer, zero-padded to whole lane blocks, and asks block by block
+// for the first `ahead_count` elements `ahead` elements on.
 template <typename scalar_t, typename acc_t>
-NRT_ALWAYS_INLINE void load_chunk(const scalar_t* src, int64_t count, acc_t* dst) {
-  for (int64_t b = 0; b < count; b += kLanes) load_lanes(src + b, std::min(kLanes, count - b), dst + b);
+NRT_ALWAYS_INLINE void load_chunk(const scalar_t* src, int64_t count, acc_t* dst, int64_t ahead, int64_t ahead_count) {
+  for (int64_t b = 0; b < count; b += kLanes) {
+    if (b < ahead_count) prefetch(src + ahead + b);
+    load_lanes(src + b, std::min(kLanes, count - b), dst + b);
+  }
 }
 
 // sign(0) = sign(NaN) = 0, like autograd's abs backward.
