@@ -97,6 +97,14 @@ inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pai
 // forward and backward; asked for block by block, the lines arrive spread over the whole chunk instead of in one
 // burst at its top (measured slower: benchmarks/RESULTS.md).  A forward without MixIT streams with no search between
 // its loads, and there the hardware prefetchers alone are faster: it asks for nothing.
+// The element at `offset` of a source's inputs, those its terms read (y and teacher may be null otherwise).
+template <int kTerms, typename scalar_t>
+NRT_ALWAYS_INLINE void prefetch_inputs(const scalar_t* est, const scalar_t* y, const scalar_t* teacher,
+                                       int64_t offset) {
+  prefetch(est + offset);
+  if constexpr ((kTerms & (kL1 | kConsistency | kMixit)) != 0) prefetch(y + offset);
+  if constexpr ((kTerms & kTeacher) != 0) prefetch(teacher + offset);
+}
 
 // One source's share of a forward chunk of `count` elements, read straight from the inputs: |est - y| and
 // |est - teacher| into the source's lanes (element i into lane i mod kLanes), est into `x` (its row of the
@@ -129,11 +137,7 @@ NRT_ISA_CLONES void source_partials(const scalar_t* __restrict__ est, const scal
   };
   const int64_t full = count - count % kLanes;
   for (int64_t b = 0; b < full; b += kLanes) {
-    if (b < ahead_count) {
-      prefetch(est + ahead + b);
-      if constexpr (kTargets) prefetch(y + ahead + b);
-      if constexpr ((kTerms & kTeacher) != 0) prefetch(teacher + ahead + b);
-    }
+    if (b < ahead_count) prefetch_inputs<kTerms>(est, y, teacher, ahead + b);
     for (int64_t l = 0; l < kLanes; ++l) element(b + l, l);
   }
   for (int64_t i = full; i < count; ++i) element(i, i - full);
@@ -330,9 +334,7 @@ NRT_ISA_CLONES void source_backward(const scalar_t* __restrict__ est, const scal
   const int64_t full = size - size % kLanes;
   for (int64_t b = 0; b < full; b += kLanes) {
     if (b < ahead_count) {
-      prefetch(est + ahead + b);
-      if constexpr (kTargets) prefetch(y + ahead + b);
-      if constexpr ((kTerms & kTeacher) != 0) prefetch(teacher + ahead + b);
+      prefetch_inputs<kTerms>(est, y, teacher, ahead + b);
       prefetch</*kForWrite=*/true>(grad + ahead + b);
     }
     NRT_INDEPENDENT_ITERATIONS
