@@ -119,14 +119,14 @@ NRT_ISA_CLONES void sign_gradients(const scalar_t* est_row, const scalar_t* mix_
     for (int64_t s = 0; s < num_sources; ++s) {
       const scalar_t* __restrict__ x = est_row + s * length + start;
       acc_t* __restrict__ err = grad + owner[s] * kBackwardChunk;
-      prefetch_elements(x + kBackwardChunk, ahead_count);
-      prefetch_elements</*kForWrite=*/true>(grad_est_row + s * length + start + kBackwardChunk, ahead_count);
+      prefetch_elements(x, kBackwardChunk, ahead_count);
+      prefetch_elements</*kForWrite=*/true>(grad_est_row + s * length + start, kBackwardChunk, ahead_count);
       for (int64_t l = 0; l < size; ++l) err[l] += static_cast<acc_t>(x[l]);
     }
     for (int64_t n = 0; n < num_mixtures; ++n) {
       const scalar_t* __restrict__ m = mix_row + n * length + start;
       acc_t* __restrict__ g = grad + n * kBackwardChunk;
-      prefetch_elements(m + kBackwardChunk, ahead_count);
+      prefetch_elements(m, kBackwardChunk, ahead_count);
       for (int64_t l = 0; l < size; ++l) g[l] = scale * sign(g[l] - static_cast<acc_t>(m[l]));
     }
     for (int64_t s = 0; s < num_sources; ++s) {

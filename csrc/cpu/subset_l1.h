@@ -74,10 +74,10 @@ inline int64_t look_ahead_count(int64_t start, int64_t count, int64_t ahead, int
   return std::max<int64_t>(0, std::min(count, end - start - ahead));
 }
 
-// Asks for the first `count` elements at `src` (one line per kLanes elements).
+// Asks for the `count` elements at `src + offset` (one line per kLanes elements; no address is formed for 0).
 template <bool kForWrite = false, typename scalar_t>
-NRT_ALWAYS_INLINE void prefetch_elements(const scalar_t* src, int64_t count) {
-  for (int64_t b = 0; b < count; b += kLanes) prefetch<kForWrite>(src + b);
+NRT_ALWAYS_INLINE void prefetch_elements(const scalar_t* src, int64_t offset, int64_t count) {
+  for (int64_t b = 0; b < count; b += kLanes) prefetch<kForWrite>(src + offset + b);
 }
 
 // Loads `count` (<= kLanes) elements converted to the accumulation type, zero-padded: padded lanes add exactly
