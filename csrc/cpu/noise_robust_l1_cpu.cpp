@@ -97,7 +97,8 @@ inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pai
 // forward and backward; asked for block by block, the lines arrive spread over the whole chunk instead of in one
 // burst at its top (measured slower: benchmarks/RESULTS.md).  A forward without MixIT streams with no search between
 // its loads, and there the hardware prefetchers alone are faster: it asks for nothing.
-// The element at `offset` of a source's inputs, those its terms read (y and teacher may be null otherwise).
+
+// Asks for the element at `offset` of a source's inputs, those its terms read (y and teacher may be null otherwise).
 template <int kTerms, typename scalar_t>
 NRT_ALWAYS_INLINE void prefetch_inputs(const scalar_t* est, const scalar_t* y, const scalar_t* teacher,
                                        int64_t offset) {
