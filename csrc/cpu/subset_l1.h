@@ -26,9 +26,11 @@ constexpr int64_t kLanes = 16;
 // buffer (N * 2**M values per tile) far below the input size and gives enough work items for a few threads at
 // audio lengths.
 constexpr int64_t kTile = 4096;
-// Elements of D per backward work item, and per pass over its sources (the chunk's errors stay in L1).
+// Elements of D per backward work item, and per pass over its sources: the chunk's errors, its input lines and the
+// next chunk's lines asked for ahead stay in L1 together (at 512 they did not for V1's 3 * S streams: 5 % slower,
+// and 12 % for the MixIT L1 backward; benchmarks/RESULTS.md).
 constexpr int64_t kBackwardTile = 8192;
-constexpr int64_t kBackwardChunk = 512;
+constexpr int64_t kBackwardChunk = 256;
 // build_config.MAX_SOURCES: the subset table has 2**M entries.
 constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 
