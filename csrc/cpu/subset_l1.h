@@ -27,8 +27,8 @@ constexpr int64_t kLanes = 16;
 // audio lengths.
 constexpr int64_t kTile = 4096;
 // Elements of D per backward work item, and per pass over its sources: the chunk's errors, its input lines and the
-// next chunk's lines asked for ahead stay in L1 together (at 512 they did not for V1's 3 * S streams: 5 % slower,
-// and 12 % for the MixIT L1 backward; benchmarks/RESULTS.md).
+// next chunk's lines asked for ahead stay in L1 together (at 512 they did not, for V1's 3 * S streams; measured
+// slower for both kernels: benchmarks/RESULTS.md).
 constexpr int64_t kBackwardTile = 8192;
 constexpr int64_t kBackwardChunk = 256;
 // build_config.MAX_SOURCES: the subset table has 2**M entries.
