@@ -11,16 +11,19 @@
 // increasing order and combines the terms.  Every sum has a fixed order: results are bitwise identical for any
 // number of threads.
 //
-// Backward (parallel over (row, tile)): per chunk, one pass over the sources' est, targets and teacher targets
-// gives each source's own l1 and teacher gradient and the sums behind the signs every source shares (the chosen
-// candidate's two mixture errors, the consistency error); a second pass over the chunk's buffers (in L1) adds
-// those: grad = the l1, teacher, consistency and MixIT gradients in that order.
+// Backward (parallel over (row, tile)), one lane block of kLanes elements at a time, in registers: a pass over the
+// sources' est and targets forms the sums behind the signs every source shares (the chosen candidate's two mixture
+// errors, the consistency error); a second pass over the sources, their est and targets still in L1, adds each
+// source's own l1 and teacher gradient and those: grad = the l1, teacher, consistency and MixIT gradients in that
+// order.
 //
 // A term whose weight is 0 reads nothing and computes nothing.
 #include "noise_robust_l1_cpu.h"
 
 #include <algorithm>
 #include <array>
+#include <cstring>
+#include <climits>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -91,12 +94,13 @@ struct TileLayout {
 // The mixture a noisy stem joins under the row's pairing: 0 when its bit is set.
 inline int64_t pairing_mixture(int32_t pair_mask, int64_t source) { return ((pair_mask >> source) & 1) ? 0 : 1; }
 
-// The look-ahead of both passes (subset_l1.h's prefetch): while a source's loop works on a block of a chunk, it
-// asks for the same block of the source's next chunk.  A row's 3 * S input streams (and S gradient streams) are
-// more than the hardware prefetchers follow, and the V1/V2 inputs rarely stay in the last-level cache between
-// forward and backward; asked for block by block, the lines arrive spread over the whole chunk instead of in one
-// burst at its top (measured slower: benchmarks/RESULTS.md).  A forward without MixIT streams with no search between
-// its loads, and there the hardware prefetchers alone are faster: it asks for nothing.
+// The look-ahead of both directions (subset_l1.h's prefetch): while the forward's loop over a source works on a
+// block of a chunk, it asks for the same block of the source's next chunk; the backward asks, block by block, for
+// every stream's block kBackwardChunk elements on.  A row's 3 * S input streams (and S gradient streams) are more than
+// the hardware prefetchers follow, and the V1/V2 inputs rarely stay in the last-level cache between forward and
+// backward; asked for block by block, the lines arrive spread over the whole chunk instead of in one burst at its
+// top (measured slower: benchmarks/RESULTS.md).  A forward without MixIT streams with no search between its loads,
+// and there the hardware prefetchers alone are faster: it asks for nothing.
 
 // Asks for the element at `offset` of a source's inputs, those its terms read (y and teacher may be null otherwise).
 template <int kTerms, typename scalar_t>
@@ -296,88 +300,70 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
   *loss.data_ptr<acc_t>() = weighted / static_cast<acc_t>(divisor);
 }
 
-// Backward pass 1 for one source over `size` elements, its inputs read once: its own terms' gradient (l1, then
-// teacher) and its share of the sums behind the signs every source shares (est into its mixture under the chosen
-// candidate, y into its pairing mixture, both into the totals, in increasing source order as in the forward).
-// Without shared terms the gradient is final and goes straight to `grad`; otherwise to `own` (if the source has
-// terms of its own), for pass 2.
-template <int kTerms, typename scalar_t, typename acc_t>
-NRT_ISA_CLONES void source_backward(const scalar_t* __restrict__ est, const scalar_t* __restrict__ y,
-                                    const scalar_t* __restrict__ teacher, int64_t size, acc_t l1_coef,
-                                    acc_t teacher_coef, acc_t* __restrict__ est_mix, acc_t* __restrict__ y_mix,
-                                    acc_t* __restrict__ est_total, acc_t* __restrict__ y_total,
-                                    acc_t* __restrict__ own, scalar_t* __restrict__ grad, int64_t ahead,
-                                    int64_t ahead_count) {
-  constexpr bool kTargets = (kTerms & (kL1 | kConsistency | kMixit)) != 0;
-  constexpr bool kShared = (kTerms & (kConsistency | kMixit)) != 0;
-  constexpr bool kOwn = (kTerms & (kL1 | kTeacher)) != 0;
-  auto element = [&](int64_t l) {
-    const acc_t e = static_cast<acc_t>(est[l]);
-    const acc_t target = kTargets ? static_cast<acc_t>(y[l]) : acc_t(0);
-    if constexpr ((kTerms & kMixit) != 0) {
-      est_mix[l] += e;
-      y_mix[l] += target;
-    }
-    if constexpr ((kTerms & kConsistency) != 0) {
-      est_total[l] += e;
-      y_total[l] += target;
-    }
-    acc_t g = acc_t(0);
-    if constexpr ((kTerms & kL1) != 0) g += l1_coef * sign(e - target);
-    if constexpr ((kTerms & kTeacher) != 0) g += teacher_coef * sign(e - static_cast<acc_t>(teacher[l]));
-    if constexpr (!kShared) {
-      grad[l] = static_cast<scalar_t>(g);
-    } else if constexpr (kOwn) {
-      own[l] = g;
-    }
-  };
-  // In blocks of kLanes, so that the look-ahead is one branch per block, not per element.
-  const int64_t full = size - size % kLanes;
-  for (int64_t b = 0; b < full; b += kLanes) {
-    if (b < ahead_count) {
-      prefetch_inputs<kTerms>(est, y, teacher, ahead + b);
-      prefetch</*kForWrite=*/true>(grad + ahead + b);
-    }
-    NRT_INDEPENDENT_ITERATIONS
-    for (int64_t l = b; l < b + kLanes; ++l) element(l);
-  }
-  for (int64_t l = full; l < size; ++l) element(l);
-}
+// The backward's lane blocks: kVectorLanes values as one GCC / clang vector (the kernels need a GNU-compatible
+// compiler anyway: __restrict__, target clones), lowered to the clone's registers.  Each source's sums stay in
+// registers whatever the term set (written over local arrays, GCC's vectoriser left some term sets scalar), and no
+// chunk buffer goes through L1 twice (chunk by chunk, V1's backward moved its bytes at half the rate of an l1 +
+// teacher backward).  8 lanes: at 16, the AVX2 clone spilled its 2-register vectors (2x slower than 8).
+constexpr int64_t kVectorLanes = 8;
 
-// Backward pass 2 for one source: its own terms' gradient (if any) plus the consistency and MixIT terms' signed
-// coefficients, in that order.
-template <int kTerms, typename scalar_t, typename acc_t>
-NRT_ISA_CLONES void source_finish(const acc_t* __restrict__ own, const acc_t* __restrict__ consistency,
-                                  const acc_t* __restrict__ mixture, int64_t size, scalar_t* __restrict__ grad) {
-  for (int64_t l = 0; l < size; ++l) {
-    acc_t g = (kTerms & (kL1 | kTeacher)) != 0 ? own[l] : acc_t(0);
-    if constexpr ((kTerms & kConsistency) != 0) g += consistency[l];
-    if constexpr ((kTerms & kMixit) != 0) g += mixture[l];
-    grad[l] = static_cast<scalar_t>(g);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-struct BackwardSource {
-  using Backward = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, int64_t, acc_t, acc_t, acc_t*, acc_t*,
-                            acc_t*, acc_t*, acc_t*, scalar_t*, int64_t, int64_t);
-  using Finish = void (*)(const acc_t*, const acc_t*, const acc_t*, int64_t, scalar_t*);
-
-  template <int kTerms>
-  struct PickBackward {
-    static constexpr Backward value = &source_backward<kTerms, scalar_t, acc_t>;
-  };
-  template <int kTerms>
-  struct PickFinish {
-    static constexpr Finish value = &source_finish<kTerms, scalar_t, acc_t>;
-  };
-
-  Backward backward;
-  Finish finish;
-
-  explicit BackwardSource(const ActiveTerms& use)
-      : backward(for_term_set<PickBackward>(term_set(use))), finish(for_term_set<PickFinish>(term_set(use))) {}
+template <typename acc_t>
+struct LaneVector {
+  typedef acc_t type __attribute__((vector_size(kVectorLanes * sizeof(acc_t))));
 };
+
+// `count` (<= kVectorLanes) elements converted to the accumulation type, zero-padded.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+NRT_ALWAYS_INLINE typename LaneVector<acc_t>::type load_vector(const scalar_t* src, int64_t count) {
+  acc_t lanes[kVectorLanes];
+  for (int64_t l = 0; l < kVectorLanes; ++l) lanes[l] = l < count ? static_cast<acc_t>(src[l]) : acc_t(0);
+  typename LaneVector<acc_t>::type v;
+  std::memcpy(&v, lanes, sizeof v);
+  return v;
+}
+
+// The first `count` lanes of `v` into dst, converted to its dtype.
+template <typename scalar_t, typename Vector>
+NRT_ALWAYS_INLINE void store_vector(const Vector& v, int64_t count, scalar_t* dst) {
+  if constexpr (sizeof(Vector) == kVectorLanes * sizeof(scalar_t)) {  // the accumulation dtype itself
+    if (count == kVectorLanes) {
+      std::memcpy(dst, &v, sizeof v);
+      return;
+    }
+  }
+  for (int64_t l = 0; l < count; ++l) dst[l] = static_cast<scalar_t>(v[l]);
+}
+
+// The bits of the accumulation dtype that vector_sign works on.
+template <typename acc_t>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using Int = int32_t;
+  static constexpr Int kSign = INT32_MIN, kMagnitude = 0x7FFFFFFF, kInfinity = 0x7F800000, kOne = 0x3F800000;
+  static constexpr int kTopBit = 31;
+};
+template <>
+struct FloatBits<double> {
+  using Int = int64_t;
+  static constexpr Int kSign = INT64_MIN, kMagnitude = 0x7FFFFFFFFFFFFFFF, kInfinity = 0x7FF0000000000000,
+                       kOne = 0x3FF0000000000000;
+  static constexpr int kTopBit = 63;
+};
+
+// sign() lane by lane, bit for bit the values (x > 0) - (x < 0) of sign(): +-1 with x's sign bit, +0 where x is 0 or
+// NaN.  In integer arithmetic on the bits: GCC 12 lowers a comparison of vectors wider than the ISA's registers lane
+// by lane (the AVX2 clone of this backward was 4x slower than the kernel it replaced), shifts and masks piecewise.
+template <typename acc_t, typename Vector>
+NRT_ALWAYS_INLINE Vector vector_sign(const Vector& x) {
+  using Bits = FloatBits<acc_t>;
+  typedef typename Bits::Int Ints __attribute__((vector_size(sizeof(Vector))));
+  const Ints bits = (Ints)x;  // a vector cast: the same bits
+  const Ints magnitude = bits & Bits::kMagnitude;
+  // All ones where the magnitude is above infinity's (NaN) or 0, from the top bit of a difference.
+  const Ints no_sign = ((Bits::kInfinity - magnitude) >> Bits::kTopBit) | ((magnitude - 1) >> Bits::kTopBit);
+  return (Vector)(((bits & Bits::kSign) | Bits::kOne) & ~no_sign);
+}
 
 // The gradient coefficients of one call, each term's d loss / d |error| at grad_loss.
 template <typename acc_t>
@@ -386,51 +372,94 @@ struct Coefficients {
   acc_t consistency, mixit;
 };
 
-// Backward for one row over [begin, end).  `workspace`: [2][kBackwardChunk] est mixtures (then their signed
-// coefficients), [2][kBackwardChunk] target mixtures, [kBackwardChunk] est and target totals (then the signed
-// consistency coefficient), [S][kBackwardChunk] the sources' own gradients.
-template <typename scalar_t, typename acc_t>
+// Backward for one row over [begin, end), one lane block at a time.  A first pass over the sources adds est into its
+// mixture under the chosen candidate, y into its pairing mixture and both into the totals, in increasing source
+// order as in the forward; the signs every source shares follow.  A second pass over the sources, their est and
+// targets still in L1, adds each source's own terms and those: grad = the l1, teacher, consistency and MixIT
+// gradients in that order, as the Triton backward adds them.
+template <int kTerms, typename scalar_t, typename acc_t>
 NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
-                                   const int64_t* chosen_mixture, const int64_t* target_mixture, ActiveTerms use,
-                                   BackwardSource<scalar_t, acc_t> source, const Coefficients<acc_t>& coef,
-                                   int64_t num_sources, int64_t length, int64_t begin, int64_t end,
-                                   acc_t* workspace, scalar_t* grad_row) {
-  acc_t* __restrict__ est_mix = workspace;
-  acc_t* __restrict__ y_mix = est_mix + kMixtures * kBackwardChunk;
-  acc_t* __restrict__ est_total = y_mix + kMixtures * kBackwardChunk;
-  acc_t* __restrict__ y_total = est_total + kBackwardChunk;
-  acc_t* __restrict__ own = y_total + kBackwardChunk;
-  const bool shared = use.mixit || use.consistency;
-  for (int64_t start = begin; start < end; start += kBackwardChunk) {
-    const int64_t size = std::min(kBackwardChunk, end - start);
-    if (shared) std::fill(workspace, workspace + (2 * kMixtures + 2) * kBackwardChunk, acc_t(0));
+                                   const int64_t* chosen_mixture, const int64_t* target_mixture,
+                                   const Coefficients<acc_t>& coef, int64_t num_sources, int64_t length,
+                                   int64_t begin, int64_t end, scalar_t* grad_row) {
+  constexpr bool kMixitTerm = (kTerms & kMixit) != 0, kConsistencyTerm = (kTerms & kConsistency) != 0;
+  using Vector = typename LaneVector<acc_t>::type;
+  // Inlined into each ISA clone: left out of line (as GCC did for the larger term sets), a lambda is compiled for the
+  // baseline ISA, and there its 64-byte vectors made V1's backward 7x slower.
+  auto block = [&](int64_t start, int64_t count) NRT_INLINE_LAMBDA {
+    // Each shared term's signed coefficient per lane (MixIT: per mixture of the chosen candidate).
+    // (Named per mixture: vector arrays indexed by the mixture at run time went through memory, 20-25 % slower.)
+    Vector mixit0 = {}, mixit1 = {}, consistency = {};
+    if constexpr (kMixitTerm || kConsistencyTerm) {
+      Vector est_mix0 = {}, est_mix1 = {}, y_mix0 = {}, y_mix1 = {}, est_total = {}, y_total = {};
+      for (int64_t s = 0; s < num_sources; ++s) {
+        const Vector e = load_vector(est_row + s * length + start, count);
+        const Vector y = load_vector(y_row + s * length + start, count);
+        if constexpr (kMixitTerm) {
+          if (chosen_mixture[s] == 0) {
+            est_mix0 += e;
+          } else {
+            est_mix1 += e;
+          }
+          if (target_mixture[s] == 0) {
+            y_mix0 += y;
+          } else {
+            y_mix1 += y;
+          }
+        }
+        if constexpr (kConsistencyTerm) {
+          est_total += e;
+          y_total += y;
+        }
+      }
+      if constexpr (kMixitTerm) {
+        mixit0 = coef.mixit * vector_sign<acc_t>(est_mix0 - y_mix0);
+        mixit1 = coef.mixit * vector_sign<acc_t>(est_mix1 - y_mix1);
+      }
+      if constexpr (kConsistencyTerm) consistency = coef.consistency * vector_sign<acc_t>(est_total - y_total);
+    }
     for (int64_t s = 0; s < num_sources; ++s) {
       const int64_t offset = s * length + start;
-      source.backward(est_row + offset, use.reads_targets() ? y_row + offset : nullptr,
-                      use.teacher ? teacher_row + offset : nullptr, size, coef.l1[s], coef.teacher[s],
-                      est_mix + chosen_mixture[s] * kBackwardChunk, y_mix + target_mixture[s] * kBackwardChunk,
-                      est_total, y_total, own + s * kBackwardChunk, grad_row + offset, kBackwardChunk,
-                      look_ahead_count(start, size, kBackwardChunk, end));
+      const Vector e = load_vector(est_row + offset, count);
+      Vector g = {};
+      if constexpr ((kTerms & kL1) != 0) g += coef.l1[s] * vector_sign<acc_t>(e - load_vector(y_row + offset, count));
+      if constexpr ((kTerms & kTeacher) != 0) {
+        g += coef.teacher[s] * vector_sign<acc_t>(e - load_vector(teacher_row + offset, count));
+      }
+      if constexpr (kConsistencyTerm) g += consistency;
+      if constexpr (kMixitTerm) g += chosen_mixture[s] == 0 ? mixit0 : mixit1;
+      store_vector(g, count, grad_row + offset);
     }
-    if (!shared) continue;
-    // The signs every source shares: each mixture error of the chosen candidate against the pairing's mixtures,
-    // and the consistency error.
-    if (use.mixit) {
-      for (int64_t n = 0; n < kMixtures; ++n) {
-        acc_t* __restrict__ em = est_mix + n * kBackwardChunk;
-        const acc_t* __restrict__ ym = y_mix + n * kBackwardChunk;
-        for (int64_t l = 0; l < size; ++l) em[l] = coef.mixit * sign(em[l] - ym[l]);
+  };
+  // kLanes elements a step: the look-ahead (prefetch_inputs), one line of every stream kBackwardChunk elements on,
+  // then two vector blocks.
+  for (int64_t start = begin; start < end; start += kLanes) {
+    if (start + kBackwardChunk < end) {
+      for (int64_t s = 0; s < num_sources; ++s) {
+        const int64_t offset = s * length + start + kBackwardChunk;
+        prefetch_inputs<kTerms>(est_row, y_row, teacher_row, offset);
+        prefetch</*kForWrite=*/true>(grad_row + offset);
       }
     }
-    if (use.consistency) {
-      for (int64_t l = 0; l < size; ++l) est_total[l] = coef.consistency * sign(est_total[l] - y_total[l]);
-    }
-    for (int64_t s = 0; s < num_sources; ++s) {
-      source.finish(own + s * kBackwardChunk, est_total, est_mix + chosen_mixture[s] * kBackwardChunk, size,
-                    grad_row + s * length + start);
+    for (int64_t first = start; first < std::min(end, start + kLanes); first += kVectorLanes) {
+      if (first + kVectorLanes <= end) {
+        block(first, kVectorLanes);  // a constant count: plain vector loads and stores
+      } else {
+        block(first, end - first);  // the row's last elements
+      }
     }
   }
 }
+
+template <typename scalar_t, typename acc_t>
+struct PickTileGradients {
+  using Function = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, const int64_t*,
+                            const Coefficients<acc_t>&, int64_t, int64_t, int64_t, int64_t, scalar_t*);
+  template <int kTerms>
+  struct For {
+    static constexpr Function value = &tile_gradients<kTerms, scalar_t, acc_t>;
+  };
+};
 
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at::Tensor& targets,
@@ -463,9 +492,8 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
   const int32_t* mask_data = masks.const_data_ptr<int32_t>();
   scalar_t* grad_data = grad_est.data_ptr<scalar_t>();
 
-  const BackwardSource<scalar_t, acc_t> source(use);
+  const auto gradients_fn = for_term_set<PickTileGradients<scalar_t, acc_t>::template For>(term_set(use));
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> workspace(static_cast<size_t>((2 * kMixtures + 2 + num_sources) * kBackwardChunk));
     int64_t chosen_mixture[kMaxSources] = {}, target_mixture[kMaxSources] = {};
     for (int64_t item = first; item < last; ++item) {
       // Last tile first: the backward starts where the forward ended, on inputs still in the cache (and ends where
@@ -480,11 +508,10 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
         }
       }
       const int64_t row_offset = row * num_sources * length;
-      tile_gradients<scalar_t, acc_t>(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
-                                      teacher_data ? teacher_data + row_offset : nullptr, chosen_mixture,
-                                      target_mixture, use, source, coef, num_sources, length, tile * kBackwardTile,
-                                      std::min(length, (tile + 1) * kBackwardTile), workspace.data(),
-                                      grad_data + row_offset);
+      gradients_fn(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
+                   teacher_data ? teacher_data + row_offset : nullptr, chosen_mixture, target_mixture, coef,
+                   num_sources, length, tile * kBackwardTile, std::min(length, (tile + 1) * kBackwardTile),
+                   grad_data + row_offset);
     }
   });
 }

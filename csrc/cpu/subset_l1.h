@@ -26,9 +26,9 @@ constexpr int64_t kLanes = 16;
 // buffer (N * 2**M values per tile) far below the input size and gives enough work items for a few threads at
 // audio lengths.
 constexpr int64_t kTile = 4096;
-// Elements of D per backward work item, and per pass over its sources: the chunk's errors, its input lines and the
-// next chunk's lines asked for ahead stay in L1 together (at 512 they did not, for V1's 3 * S streams; measured
-// slower for both kernels: benchmarks/RESULTS.md).
+// Elements of D per backward work item, and per pass over its sources (the MixIT L1 backward; the fused V1/V2
+// backward asks for its lines that far ahead): the chunk's errors, its input lines and the next chunk's lines asked
+// for ahead stay in L1 together (at 512 they did not; measured slower: benchmarks/RESULTS.md).
 constexpr int64_t kBackwardTile = 8192;
 constexpr int64_t kBackwardChunk = 256;
 // build_config.MAX_SOURCES: the subset table has 2**M entries.
@@ -44,19 +44,13 @@ constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 #else
 #define NRT_ISA_CLONES
 #endif
-// Asserts that the next loop's iterations are independent: for loops whose buffers are distinct but reached through
-// a lambda's captures, where the compiler loses __restrict__ and would otherwise not vectorise the loop at all.
-#if defined(__clang__)
-#define NRT_INDEPENDENT_ITERATIONS _Pragma("clang loop vectorize(assume_safety)")
-#elif defined(__GNUC__)
-#define NRT_INDEPENDENT_ITERATIONS _Pragma("GCC ivdep")
-#else
-#define NRT_INDEPENDENT_ITERATIONS
-#endif
 #if defined(__GNUC__) || defined(__clang__)
 #define NRT_ALWAYS_INLINE inline __attribute__((always_inline))
+// For a lambda inside an NRT_ISA_CLONES function: one left out of line is compiled for the baseline ISA.
+#define NRT_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define NRT_ALWAYS_INLINE inline
+#define NRT_INLINE_LAMBDA
 #endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
