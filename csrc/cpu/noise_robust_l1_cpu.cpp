@@ -11,7 +11,7 @@
 // increasing order and combines the terms.  Every sum has a fixed order: results are bitwise identical for any
 // number of threads.
 //
-// Backward (parallel over (row, tile)), one lane block of kLanes elements at a time, in registers: a pass over the
+// Backward (parallel over (row, tile)), one block of kVectorLanes elements at a time, in registers: a pass over the
 // sources' est and targets forms the sums behind the signs every source shares (the chosen candidate's two mixture
 // errors, the consistency error); a second pass over the sources, their est and targets still in L1, adds each
 // source's own l1 and teacher gradient and those: grad = the l1, teacher, consistency and MixIT gradients in that
