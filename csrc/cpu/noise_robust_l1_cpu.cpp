@@ -353,7 +353,8 @@ struct FloatBits<double> {
 
 // sign() lane by lane, bit for bit the values (x > 0) - (x < 0) of sign(): +-1 with x's sign bit, +0 where x is 0 or
 // NaN.  In integer arithmetic on the bits: GCC 12 lowers a comparison of vectors wider than the ISA's registers lane
-// by lane (the AVX2 clone of this backward was 4x slower than the kernel it replaced), shifts and masks piecewise.
+// by lane (with 16 lanes, the AVX2 build of this backward was 4x slower than the kernel it replaced), shifts and
+// masks piecewise.
 template <typename acc_t, typename Vector>
 NRT_ALWAYS_INLINE Vector vector_sign(const Vector& x) {
   using Bits = FloatBits<acc_t>;
@@ -385,7 +386,7 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
   constexpr bool kMixitTerm = (kTerms & kMixit) != 0, kConsistencyTerm = (kTerms & kConsistency) != 0;
   using Vector = typename LaneVector<acc_t>::type;
   // Inlined into each ISA clone: left out of line (as GCC did for the larger term sets), a lambda is compiled for the
-  // baseline ISA, and there its 64-byte vectors made V1's backward 7x slower.
+  // baseline ISA (V1's backward was then 7x slower).
   auto block = [&](int64_t start, int64_t count) NRT_INLINE_LAMBDA {
     // Each shared term's signed coefficient per lane (MixIT: per mixture of the chosen candidate).
     // (Named per mixture: vector arrays indexed by the mixture at run time went through memory, 20-25 % slower.)
