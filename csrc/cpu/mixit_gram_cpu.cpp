@@ -15,6 +15,7 @@
 #include "mixit_gram_cpu.h"
 
 #include "../nrt_config.h"
+#include "lane_vector.h"
 
 #include <algorithm>
 #include <cmath>
@@ -148,45 +149,14 @@ void gram_tile(const scalar_t* est_row, const scalar_t* mix_row, int64_t num_sou
 // types keep the accumulators in registers (plain arrays stay on the stack).
 constexpr int kMaxRegisterSignals = 6;
 constexpr int64_t kRegisterLanes = 8;
-typedef double Lanes8 __attribute__((vector_size(kRegisterLanes * sizeof(double))));
-
-// Eight elements from `src` as doubles; past `valid` (the end of the tile) zeros, which add nothing.
-template <typename scalar_t>
-inline Lanes8 load_lanes8(const scalar_t* src, int64_t valid) {
-  Lanes8 v = {};
-  for (int64_t l = 0; l < kRegisterLanes; ++l) v[l] = l < valid ? static_cast<double>(src[l]) : 0.0;
-  return v;
-}
-
-template <>
-inline Lanes8 load_lanes8<float>(const float* src, int64_t valid) {
-  typedef float Floats8 __attribute__((vector_size(kRegisterLanes * sizeof(float))));
-  Floats8 f = {};
-  if (valid == kRegisterLanes) {
-    std::memcpy(&f, src, sizeof(f));  // one vector load
-  } else {
-    for (int64_t l = 0; l < valid; ++l) f[l] = src[l];
-  }
-  return __builtin_convertvector(f, Lanes8);
-}
-
-template <>
-inline Lanes8 load_lanes8<double>(const double* src, int64_t valid) {
-  Lanes8 v = {};
-  if (valid == kRegisterLanes) {
-    std::memcpy(&v, src, sizeof(v));
-  } else {
-    for (int64_t l = 0; l < valid; ++l) v[l] = src[l];
-  }
-  return v;
-}
+using Lanes8 = LaneVector<double, kRegisterLanes>::type;
 
 // The register-blocked step over one block: the sums and products of its K signals.
 template <int K, typename scalar_t>
 inline void accumulate_block(const scalar_t* const* rows, int64_t e, int64_t valid, Lanes8* sums, Lanes8* products) {
   Lanes8 v[K];
 #pragma GCC unroll 8
-  for (int k = 0; k < K; ++k) v[k] = load_lanes8(rows[k] + e, valid);
+  for (int k = 0; k < K; ++k) v[k] = load_vector<double, kRegisterLanes>(rows[k] + e, valid);
 #pragma GCC unroll 8
   for (int i = 0; i < K; ++i) {
     sums[i] += v[i];

@@ -22,9 +22,9 @@
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -35,6 +35,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include "lane_vector.h"
 #include "subset_l1.h"
 
 namespace nrt_kernels {
@@ -300,27 +301,12 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
   *loss.data_ptr<acc_t>() = weighted / static_cast<acc_t>(divisor);
 }
 
-// The backward's lane blocks: kVectorLanes values as one GCC / clang vector (the kernels need a GNU-compatible
+// The backward's lane blocks: kVectorLanes values as one LaneVector (lane_vector.h; the kernels need a GNU-compatible
 // compiler anyway: __restrict__, target clones), lowered to the clone's registers.  Each source's sums stay in
 // registers whatever the term set (written over local arrays, GCC's vectoriser left some term sets scalar), and no
 // chunk buffer goes through L1 twice (chunk by chunk, V1's backward moved its bytes at half the rate of an l1 +
 // teacher backward).  8 lanes: at 16, the AVX2 clone spilled its 2-register vectors (2x slower than 8).
 constexpr int64_t kVectorLanes = 8;
-
-template <typename acc_t>
-struct LaneVector {
-  typedef acc_t type __attribute__((vector_size(kVectorLanes * sizeof(acc_t))));
-};
-
-// `count` (<= kVectorLanes) elements converted to the accumulation type, zero-padded.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-NRT_ALWAYS_INLINE typename LaneVector<acc_t>::type load_vector(const scalar_t* src, int64_t count) {
-  acc_t lanes[kVectorLanes];
-  for (int64_t l = 0; l < kVectorLanes; ++l) lanes[l] = l < count ? static_cast<acc_t>(src[l]) : acc_t(0);
-  typename LaneVector<acc_t>::type v;
-  std::memcpy(&v, lanes, sizeof v);
-  return v;
-}
 
 // The first `count` lanes of `v` into dst, converted to its dtype.
 template <typename scalar_t, typename Vector>
@@ -384,7 +370,7 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
                                    const Coefficients<acc_t>& coef, int64_t num_sources, int64_t length,
                                    int64_t begin, int64_t end, scalar_t* grad_row) {
   constexpr bool kMixitTerm = (kTerms & kMixit) != 0, kConsistencyTerm = (kTerms & kConsistency) != 0;
-  using Vector = typename LaneVector<acc_t>::type;
+  using Vector = typename LaneVector<acc_t, kVectorLanes>::type;
   // Inlined into each ISA clone: left out of line (as GCC did for the larger term sets), a lambda is compiled for the
   // baseline ISA (V1's backward was then 7x slower).
   auto block = [&](int64_t start, int64_t count) NRT_INLINE_LAMBDA {
@@ -394,8 +380,8 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
     if constexpr (kMixitTerm || kConsistencyTerm) {
       Vector est_mix0 = {}, est_mix1 = {}, y_mix0 = {}, y_mix1 = {}, est_total = {}, y_total = {};
       for (int64_t s = 0; s < num_sources; ++s) {
-        const Vector e = load_vector(est_row + s * length + start, count);
-        const Vector y = load_vector(y_row + s * length + start, count);
+        const Vector e = load_vector<acc_t, kVectorLanes>(est_row + s * length + start, count);
+        const Vector y = load_vector<acc_t, kVectorLanes>(y_row + s * length + start, count);
         if constexpr (kMixitTerm) {
           if (chosen_mixture[s] == 0) {
             est_mix0 += e;
@@ -421,11 +407,13 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
     }
     for (int64_t s = 0; s < num_sources; ++s) {
       const int64_t offset = s * length + start;
-      const Vector e = load_vector(est_row + offset, count);
+      const Vector e = load_vector<acc_t, kVectorLanes>(est_row + offset, count);
       Vector g = {};
-      if constexpr ((kTerms & kL1) != 0) g += coef.l1[s] * vector_sign<acc_t>(e - load_vector(y_row + offset, count));
+      if constexpr ((kTerms & kL1) != 0) {
+        g += coef.l1[s] * vector_sign<acc_t>(e - load_vector<acc_t, kVectorLanes>(y_row + offset, count));
+      }
       if constexpr ((kTerms & kTeacher) != 0) {
-        g += coef.teacher[s] * vector_sign<acc_t>(e - load_vector(teacher_row + offset, count));
+        g += coef.teacher[s] * vector_sign<acc_t>(e - load_vector<acc_t, kVectorLanes>(teacher_row + offset, count));
       }
       if constexpr (kConsistencyTerm) g += consistency;
       if constexpr (kMixitTerm) g += chosen_mixture[s] == 0 ? mixit0 : mixit1;
