@@ -7,6 +7,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "isa.h"
+
 namespace nrt_kernels {
 
 template <typename T, int64_t kWidth>
@@ -18,8 +20,7 @@ struct LaneVector {
 // vector at once (then convert lane by lane in registers); other dtypes (Half, BFloat16) convert element by element.
 // Always inlined: out of line, a function is compiled for the baseline ISA, not for the clone that calls it.
 template <typename T, int64_t kWidth, typename scalar_t>
-inline __attribute__((always_inline)) typename LaneVector<T, kWidth>::type load_vector(const scalar_t* src,
-                                                                                     int64_t count) {
+NRT_ALWAYS_INLINE typename LaneVector<T, kWidth>::type load_vector(const scalar_t* src, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     typename LaneVector<scalar_t, kWidth>::type v = {};
     if (count == kWidth) {

@@ -15,6 +15,7 @@
 #include "mixit_gram_cpu.h"
 
 #include "../nrt_config.h"
+#include "isa.h"
 #include "lane_vector.h"
 
 #include <algorithm>
@@ -51,14 +52,6 @@ constexpr int64_t kMaxSources = NRT_GRAM_MAX_SOURCES;
 constexpr int64_t kStatistics = 5;  // Q, X, XX, S, T (nrt_kernels.ops.mixit_gram.STATISTICS)
 // 10 / ln 10: dB per neper, d(10 log10 v) = kDbPerNeper dv / v.
 constexpr double kDbPerNeper = 4.342944819032518276511289;
-
-// Runtime ISA dispatch, as in mixit_l1_cpu.cpp: AVX-512, AVX2 and baseline clones of the hot loops; the build's
-// -ffp-contract=off keeps every clone's arithmetic identical.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NRT_ISA_CLONES
-#endif
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

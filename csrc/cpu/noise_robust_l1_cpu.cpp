@@ -11,7 +11,7 @@
 // increasing order and combines the terms.  Every sum has a fixed order: results are bitwise identical for any
 // number of threads.
 //
-// Backward (parallel over (row, tile)), one block of kVectorLanes elements at a time, in registers: a pass over the
+// Backward (parallel over (row, tile)), one vector block at a time (backward_lanes), in registers: a pass over the
 // sources' est and targets forms the sums behind the signs every source shares (the chosen candidate's two mixture
 // errors, the consistency error); a second pass over the sources, their est and targets still in L1, adds each
 // source's own l1 and teacher gradient and those: grad = the l1, teacher, consistency and MixIT gradients in that
@@ -301,18 +301,23 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
   *loss.data_ptr<acc_t>() = weighted / static_cast<acc_t>(divisor);
 }
 
-// The backward's lane blocks: kVectorLanes values as one LaneVector (lane_vector.h; the kernels need a GNU-compatible
-// compiler anyway: __restrict__, target clones), lowered to the clone's registers.  Each source's sums stay in
+// The backward's lane blocks: kWidth values as one LaneVector (lane_vector.h; the kernels need a GNU-compatible
+// compiler anyway: __restrict__, target clones), lowered to the ISA's registers.  Each source's sums stay in
 // registers whatever the term set (written over local arrays, GCC's vectoriser left some term sets scalar), and no
 // chunk buffer goes through L1 twice (chunk by chunk, V1's backward moved its bytes at half the rate of an l1 +
-// teacher backward).  8 lanes: at 16, the AVX2 clone spilled its 2-register vectors (2x slower than 8).
-constexpr int64_t kVectorLanes = 8;
+// teacher backward).  The width is one register where AVX-512 has it (16 floats, 8 doubles; 16 floats were 27 %
+// faster than 8 there), 8 lanes otherwise: at 16 floats the AVX2 build spilled its 2-register vectors (2x slower).
+// The backward is elementwise, so the width changes no result.
+template <typename acc_t>
+constexpr int64_t backward_lanes(Isa isa) {
+  return isa == Isa::kAvx512 ? int64_t(64 / sizeof(acc_t)) : 8;
+}
 
-// The first `count` lanes of `v` into dst, converted to its dtype.
-template <typename scalar_t, typename Vector>
+// The first `count` lanes of the kWidth-lane vector `v` into dst, converted to its dtype.
+template <int64_t kWidth, typename scalar_t, typename Vector>
 NRT_ALWAYS_INLINE void store_vector(const Vector& v, int64_t count, scalar_t* dst) {
-  if constexpr (sizeof(Vector) == kVectorLanes * sizeof(scalar_t)) {  // the accumulation dtype itself
-    if (count == kVectorLanes) {
+  if constexpr (sizeof(Vector) == kWidth * sizeof(scalar_t)) {  // the accumulation dtype itself
+    if (count == kWidth) {
       std::memcpy(dst, &v, sizeof v);
       return;
     }
@@ -364,15 +369,30 @@ struct Coefficients {
 // order as in the forward; the signs every source shares follow.  A second pass over the sources, their est and
 // targets still in L1, adds each source's own terms and those: grad = the l1, teacher, consistency and MixIT
 // gradients in that order, as the Triton backward adds them.
-template <int kTerms, typename scalar_t, typename acc_t>
-NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_row, const scalar_t* teacher_row,
-                                   const int64_t* chosen_mixture, const int64_t* target_mixture,
-                                   const Coefficients<acc_t>& coef, int64_t num_sources, int64_t length,
-                                   int64_t begin, int64_t end, scalar_t* grad_row) {
+template <typename scalar_t, typename acc_t>
+struct GradientTile {
+  const scalar_t *est_row, *y_row, *teacher_row;
+  const int64_t *chosen_mixture, *target_mixture;
+  const Coefficients<acc_t>* coef;
+  int64_t num_sources, length, begin, end;
+  scalar_t* grad_row;
+};
+
+template <int kTerms, int64_t kWidth, typename scalar_t, typename acc_t>
+NRT_ALWAYS_INLINE void tile_gradients(const GradientTile<scalar_t, acc_t>& tile) {
+  static_assert(kLanes % kWidth == 0, "a look-ahead step is whole vector blocks");
   constexpr bool kMixitTerm = (kTerms & kMixit) != 0, kConsistencyTerm = (kTerms & kConsistency) != 0;
-  using Vector = typename LaneVector<acc_t, kVectorLanes>::type;
-  // Inlined into each ISA clone: left out of line (as GCC did for the larger term sets), a lambda is compiled for the
-  // baseline ISA (V1's backward was then 7x slower).
+  using Vector = typename LaneVector<acc_t, kWidth>::type;
+  const scalar_t* const est_row = tile.est_row;
+  const scalar_t* const y_row = tile.y_row;
+  const scalar_t* const teacher_row = tile.teacher_row;
+  const int64_t* const chosen_mixture = tile.chosen_mixture;
+  const int64_t* const target_mixture = tile.target_mixture;
+  const Coefficients<acc_t>& coef = *tile.coef;
+  const int64_t num_sources = tile.num_sources, length = tile.length, begin = tile.begin, end = tile.end;
+  scalar_t* const grad_row = tile.grad_row;
+  // Inlined into each ISA variant: left out of line (as GCC did for the larger term sets), a lambda is compiled for
+  // the baseline ISA (V1's backward was then 7x slower).
   auto block = [&](int64_t start, int64_t count) NRT_INLINE_LAMBDA {
     // Each shared term's signed coefficient per lane (MixIT: per mixture of the chosen candidate).
     // (Named per mixture: vector arrays indexed by the mixture at run time went through memory, 20-25 % slower.)
@@ -380,8 +400,8 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
     if constexpr (kMixitTerm || kConsistencyTerm) {
       Vector est_mix0 = {}, est_mix1 = {}, y_mix0 = {}, y_mix1 = {}, est_total = {}, y_total = {};
       for (int64_t s = 0; s < num_sources; ++s) {
-        const Vector e = load_vector<acc_t, kVectorLanes>(est_row + s * length + start, count);
-        const Vector y = load_vector<acc_t, kVectorLanes>(y_row + s * length + start, count);
+        const Vector e = load_vector<acc_t, kWidth>(est_row + s * length + start, count);
+        const Vector y = load_vector<acc_t, kWidth>(y_row + s * length + start, count);
         if constexpr (kMixitTerm) {
           if (chosen_mixture[s] == 0) {
             est_mix0 += e;
@@ -407,21 +427,21 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
     }
     for (int64_t s = 0; s < num_sources; ++s) {
       const int64_t offset = s * length + start;
-      const Vector e = load_vector<acc_t, kVectorLanes>(est_row + offset, count);
+      const Vector e = load_vector<acc_t, kWidth>(est_row + offset, count);
       Vector g = {};
       if constexpr ((kTerms & kL1) != 0) {
-        g += coef.l1[s] * vector_sign<acc_t>(e - load_vector<acc_t, kVectorLanes>(y_row + offset, count));
+        g += coef.l1[s] * vector_sign<acc_t>(e - load_vector<acc_t, kWidth>(y_row + offset, count));
       }
       if constexpr ((kTerms & kTeacher) != 0) {
-        g += coef.teacher[s] * vector_sign<acc_t>(e - load_vector<acc_t, kVectorLanes>(teacher_row + offset, count));
+        g += coef.teacher[s] * vector_sign<acc_t>(e - load_vector<acc_t, kWidth>(teacher_row + offset, count));
       }
       if constexpr (kConsistencyTerm) g += consistency;
       if constexpr (kMixitTerm) g += chosen_mixture[s] == 0 ? mixit0 : mixit1;
-      store_vector(g, count, grad_row + offset);
+      store_vector<kWidth>(g, count, grad_row + offset);
     }
   };
   // kLanes elements a step: the look-ahead (prefetch_inputs), one line of every stream kBackwardChunk elements on,
-  // then two vector blocks.
+  // then kLanes / kWidth vector blocks.
   for (int64_t start = begin; start < end; start += kLanes) {
     if (start + kBackwardChunk < end) {
       for (int64_t s = 0; s < num_sources; ++s) {
@@ -430,9 +450,9 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
         prefetch</*kForWrite=*/true>(grad_row + offset);
       }
     }
-    for (int64_t first = start; first < std::min(end, start + kLanes); first += kVectorLanes) {
-      if (first + kVectorLanes <= end) {
-        block(first, kVectorLanes);  // a constant count: plain vector loads and stores
+    for (int64_t first = start; first < std::min(end, start + kLanes); first += kWidth) {
+      if (first + kWidth <= end) {
+        block(first, kWidth);  // a constant count: plain vector loads and stores
       } else {
         block(first, end - first);  // the row's last elements
       }
@@ -440,14 +460,42 @@ NRT_ISA_CLONES void tile_gradients(const scalar_t* est_row, const scalar_t* y_ro
   }
 }
 
+// tile_gradients compiled for each ISA at its width (isa.h: one body would serve every target_clones clone at one
+// width), in a table per ISA and term set.
 template <typename scalar_t, typename acc_t>
 struct PickTileGradients {
-  using Function = void (*)(const scalar_t*, const scalar_t*, const scalar_t*, const int64_t*, const int64_t*,
-                            const Coefficients<acc_t>&, int64_t, int64_t, int64_t, int64_t, scalar_t*);
+  using Tile = GradientTile<scalar_t, acc_t>;
+  using Function = void (*)(const Tile&);
   template <int kTerms>
-  struct For {
-    static constexpr Function value = &tile_gradients<kTerms, scalar_t, acc_t>;
+  static NRT_TARGET_AVX512 void avx512(const Tile& tile) {
+    tile_gradients<kTerms, backward_lanes<acc_t>(Isa::kAvx512)>(tile);
+  }
+  template <int kTerms>
+  static NRT_TARGET_AVX2 void avx2(const Tile& tile) {
+    tile_gradients<kTerms, backward_lanes<acc_t>(Isa::kAvx2)>(tile);
+  }
+  template <int kTerms>
+  static void baseline(const Tile& tile) {
+    tile_gradients<kTerms, backward_lanes<acc_t>(Isa::kBaseline)>(tile);
+  }
+  template <Isa kIsa>
+  struct On {
+    template <int kTerms>
+    struct For {
+      static constexpr Function value = kIsa == Isa::kAvx512 ? &avx512<kTerms>
+                                        : kIsa == Isa::kAvx2 ? &avx2<kTerms>
+                                                             : &baseline<kTerms>;
+    };
   };
+
+  static Function pick(int terms) {
+    if constexpr (NRT_ISA_DISPATCH) {
+      static const Isa isa = native_isa();
+      if (isa == Isa::kAvx512) return for_term_set<On<Isa::kAvx512>::template For>(terms);
+      if (isa == Isa::kAvx2) return for_term_set<On<Isa::kAvx2>::template For>(terms);
+    }
+    return for_term_set<On<Isa::kBaseline>::template For>(terms);
+  }
 };
 
 template <typename scalar_t>
@@ -481,7 +529,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
   const int32_t* mask_data = masks.const_data_ptr<int32_t>();
   scalar_t* grad_data = grad_est.data_ptr<scalar_t>();
 
-  const auto gradients_fn = for_term_set<PickTileGradients<scalar_t, acc_t>::template For>(term_set(use));
+  const auto gradients_fn = PickTileGradients<scalar_t, acc_t>::pick(term_set(use));
   at::parallel_for(0, batch * num_tiles, 1, [&](int64_t first, int64_t last) {
     int64_t chosen_mixture[kMaxSources] = {}, target_mixture[kMaxSources] = {};
     for (int64_t item = first; item < last; ++item) {
@@ -497,10 +545,10 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& est, const at:
         }
       }
       const int64_t row_offset = row * num_sources * length;
-      gradients_fn(est_data + row_offset, y_data ? y_data + row_offset : nullptr,
-                   teacher_data ? teacher_data + row_offset : nullptr, chosen_mixture, target_mixture, coef,
-                   num_sources, length, tile * kBackwardTile, std::min(length, (tile + 1) * kBackwardTile),
-                   grad_data + row_offset);
+      gradients_fn({est_data + row_offset, y_data ? y_data + row_offset : nullptr,
+                    teacher_data ? teacher_data + row_offset : nullptr, chosen_mixture, target_mixture, &coef,
+                    num_sources, length, tile * kBackwardTile, std::min(length, (tile + 1) * kBackwardTile),
+                    grad_data + row_offset});
     }
   });
 }

@@ -22,6 +22,7 @@
 #include <c10/util/Exception.h>
 
 #include "../nrt_config.h"
+#include "isa.h"
 
 namespace nrt_kernels {
 namespace {
@@ -47,12 +48,6 @@ constexpr int64_t kBackwardTile = 8192;
 // array the compiler keeps in SIMD registers without -march (8 doubles: 2 AVX2 or 1 AVX-512 vector).
 constexpr int64_t kLanes = 8;
 constexpr double kLn10 = 2.302585092994045684;
-
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NRT_ISA_CLONES
-#endif
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../nrt_config.h"
+#include "isa.h"
 
 namespace nrt_kernels {
 namespace subset_l1 {
@@ -34,24 +35,6 @@ constexpr int64_t kBackwardChunk = 256;
 // build_config.MAX_SOURCES: the subset table has 2**M entries.
 constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 
-// Runtime ISA dispatch (function multiversioning through an ifunc resolver): the hot functions are compiled
-// for AVX-512, AVX2 and the baseline, and the loader picks the best the CPU has, so the module needs no -march
-// and still runs on any x86-64.  Every clone performs the same IEEE operations in the same order (the build's
-// -ffp-contract=off fuses no multiply-add), hence results are bitwise identical across CPUs.  The helpers below
-// are always inlined into a clone, so they are compiled for its ISA.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define NRT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NRT_ISA_CLONES
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define NRT_ALWAYS_INLINE inline __attribute__((always_inline))
-// For a lambda inside an NRT_ISA_CLONES function: one left out of line is compiled for the baseline ISA.
-#define NRT_INLINE_LAMBDA __attribute__((always_inline))
-#else
-#define NRT_ALWAYS_INLINE inline
-#define NRT_INLINE_LAMBDA
-#endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
