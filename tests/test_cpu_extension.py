@@ -99,7 +99,8 @@ def test_bitwise_identical_for_any_thread_count(native, dtype):
 
 
 # Run in a subprocess: it rewrites the extension's ifunc slots (the GOT entries of its IRELATIVE relocations) to
-# each ISA clone in turn, computes the same losses and gradients with each, and compares them bitwise.
+# each ISA clone in turn (and caps the kernels that pick their own variant with NRT_CPU_ISA), computes the same losses
+# and gradients with each, and compares them bitwise.
 ISA_CLONES_SCRIPT = r'''
 import ctypes, json, os, subprocess, sys
 import torch
@@ -164,6 +165,7 @@ def workload():
 
 results = {}
 for isa in isas:
+    os.environ["NRT_CPU_ISA"] = isa  # the kernels that pick a variant per ISA themselves (csrc/cpu/isa.h)
     for offset in slots:
         ctypes.c_uint64.from_address(base + offset).value = clone(offset, isa)
     assert all(target == clone(offset, isa) for offset, target in slot_targets().items())
@@ -186,6 +188,17 @@ def test_isa_clones_are_bitwise_identical(native):
     if len(report["isas"]) < 2:
         pytest.skip("this CPU runs only the baseline clone")
     assert report["slots"] > 0 and report["different"] == [], report
+
+
+def test_cpu_isa_cap_must_name_a_clone(native, monkeypatch):
+    est, targets = make_inputs(1, 4, 4, 40, dtype=torch.float32)
+    pair_masks, source_weights = torch.tensor([5], dtype=torch.int32), torch.empty(0)
+    masks = assignments.candidate_masks(4, 2, "generalized")
+    args = (est, targets, torch.empty(0), pair_masks, source_weights)
+    best = native.noise_robust_l1_forward(*args, masks, [1.0, 0.0, 2.0, 0.0], 1.0)[2]
+    monkeypatch.setenv("NRT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="NRT_CPU_ISA must be default, avx2 or avx512f, got sse9"):
+        native.noise_robust_l1_backward(torch.ones(()), *args, best, masks, [1.0, 0.0, 2.0, 0.0], 1.0)
 
 
 def _forget_cpu_backends(monkeypatch):

@@ -10,7 +10,11 @@
 // they are compiled for its ISA; out of line, a function is compiled for the baseline.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define NRT_ISA_DISPATCH 1
@@ -37,14 +41,34 @@ namespace nrt_kernels {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-// The widest ISA this CPU runs, by the test NRT_ISA_CLONES' resolver makes (so both kinds of dispatch agree).
+// The widest ISA this CPU runs, by the test NRT_ISA_CLONES' resolver makes (so both kinds of dispatch agree), capped
+// by the environment variable NRT_CPU_ISA ("default", "avx2" or "avx512f", the clones' names) where it is set:
+// tests/test_cpu_extension.py runs every variant on one CPU with it.  Read at each call (a few nanoseconds).
 inline Isa native_isa() {
+  Isa isa = Isa::kBaseline;
 #if NRT_ISA_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+  if (__builtin_cpu_supports("avx512f")) {
+    isa = Isa::kAvx512;
+  } else if (__builtin_cpu_supports("avx2")) {
+    isa = Isa::kAvx2;
+  }
 #endif
-  return Isa::kBaseline;
+  if (const char* cap = std::getenv("NRT_CPU_ISA")) {
+    const std::string name = cap;
+    Isa limit;
+    if (name == "default") {
+      limit = Isa::kBaseline;
+    } else if (name == "avx2") {
+      limit = Isa::kAvx2;
+    } else if (name == "avx512f") {
+      limit = Isa::kAvx512;
+    } else {
+      throw std::invalid_argument("NRT_CPU_ISA must be default, avx2 or avx512f, got " + name);
+    }
+    isa = std::min(isa, limit);
+  }
+  return isa;
 }
 
 }  // namespace nrt_kernels

@@ -490,7 +490,7 @@ struct PickTileGradients {
 
   static Function pick(int terms) {
     if constexpr (NRT_ISA_DISPATCH) {
-      static const Isa isa = native_isa();
+      const Isa isa = native_isa();
       if (isa == Isa::kAvx512) return for_term_set<On<Isa::kAvx512>::template For>(terms);
       if (isa == Isa::kAvx2) return for_term_set<On<Isa::kAvx2>::template For>(terms);
     }
