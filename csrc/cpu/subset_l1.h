@@ -35,7 +35,6 @@ constexpr int64_t kBackwardChunk = 256;
 // build_config.MAX_SOURCES: the subset table has 2**M entries.
 constexpr int64_t kMaxSources = NRT_MAX_SOURCES;
 
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Asks for the cache line at `address` ahead of its use (`kForWrite`: to be written).  The kernels read several
