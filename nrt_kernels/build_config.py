@@ -41,7 +41,8 @@ CUDA_DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 CPU_SOURCES = ("csrc/mixit_l1.cpp", "csrc/cpu/mixit_l1_cpu.cpp", "csrc/cpu/mixit_gram_cpu.cpp", "csrc/cpu/pit_cpu.cpp",
                "csrc/cpu/noise_robust_l1_cpu.cpp")
 CPU_HEADERS = ("csrc/nrt_config.h", "csrc/cpu/isa.h", "csrc/cpu/subset_l1.h", "csrc/cpu/lane_vector.h",
-               "csrc/cpu/mixit_l1_cpu.h", "csrc/cpu/mixit_gram_cpu.h", "csrc/cpu/pit_cpu.h", "csrc/cpu/noise_robust_l1_cpu.h")
+               "csrc/cpu/mixit_l1_cpu.h", "csrc/cpu/mixit_gram_cpu.h", "csrc/cpu/pit_cpu.h",
+               "csrc/cpu/noise_robust_l1_cpu.h")
 # No -march: the module must run on any x86-64 / aarch64 CPU, not only the build machine's.
 # -fopenmp makes at::parallel_for (inlined from ATen headers) use torch's OpenMP thread pool.
 # -ffp-contract=off: no multiply-add is fused, so every ISA clone (NRT_ISA_CLONES) rounds alike.

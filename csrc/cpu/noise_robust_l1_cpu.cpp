@@ -305,7 +305,7 @@ void forward_impl(const at::Tensor& est, const at::Tensor& targets, const at::Te
 // compiler anyway: __restrict__, target clones), lowered to the ISA's registers.  Each source's sums stay in
 // registers whatever the term set (written over local arrays, GCC's vectoriser left some term sets scalar), and no
 // chunk buffer goes through L1 twice (chunk by chunk, V1's backward moved its bytes at half the rate of an l1 +
-// teacher backward).  The width is one register where AVX-512 has it (16 floats, 8 doubles; 16 floats were 27 %
+// teacher backward).  The width is one register where AVX-512 has it (16 floats, 8 doubles; 16 floats were 14-27 %
 // faster than 8 there), 8 lanes otherwise: at 16 floats the AVX2 build spilled its 2-register vectors (2x slower).
 // The backward is elementwise, so the width changes no result.
 template <typename acc_t>
