@@ -60,9 +60,13 @@ def _setup_context(ctx, inputs, output):
     ctx.partitions = partitions
     ctx.impl = impl
     ctx.mark_non_differentiable(best)
+    # Outputs without a gradient reach the backward as None, not as zeros made for it (host time of a small call).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_rows, _grad_best):
+    if grad_rows is None:  # no gradient reached the loss
+        return None, None, None, None
     est, mixtures, best = ctx.saved_tensors
     mixtures_grad = ctx.needs_input_grad[1]
     grad_est, grad_mix = mixit_l1_backward(grad_rows, est, mixtures, best, ctx.partitions, ctx.impl, mixtures_grad)
@@ -114,6 +118,8 @@ class _EagerMixitL1(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_best):
+        if grad_loss is None:  # no gradient reached the loss
+            return None, None, None, None, None
         est, mixtures, best = ctx.saved_tensors
         mixtures_grad = ctx.needs_input_grad[1]
         if torch.is_grad_enabled():

@@ -75,12 +75,14 @@ def _setup_context(ctx, inputs, output):
     ctx.divisor = divisor
     ctx.impl = impl
     ctx.mark_non_differentiable(terms, best)
+    # Outputs without a gradient reach the backward as None, not as zeros made for it (host time of a small call).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_terms, _grad_best, run_backward=noise_robust_l1_backward):
     est, targets, teacher, pair_masks, source_weights, best = ctx.saved_tensors
     grad_est = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:  # None: no gradient reached the loss
         grad_est = run_backward(grad_loss, est, targets, teacher, pair_masks, source_weights, best, ctx.weights,
                                 ctx.divisor, ctx.impl)
     return grad_est, None, None, None, None, None, None, None
