@@ -145,8 +145,8 @@ def main() -> None:
         print(f"  by {statistic.__name__}: loop / fused V1 {value[LOOP_V1] / fused:.1f}x (target >= 20x); fused V1 / "
               f"MixIT op {fused / value[MIXIT_OP]:.2f}x (target <= 1.6x)")
 
-    cold = {name: steps[name] for name in (FUSED_V1, MIXIT_OP)}
-    times = time_after_eviction(cold, steps[LOOP_V1], args.rounds)
+    from_memory = {name: steps[name] for name in (FUSED_V1, MIXIT_OP)}
+    times = time_after_eviction(from_memory, steps[LOOP_V1], args.rounds)
     print("\nthe same from memory: each call right after an untimed call of the loop (which evicts the inputs)")
     print_table(times, unit_ms=True)
     for statistic in (statistics.median, min):

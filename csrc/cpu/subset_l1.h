@@ -104,7 +104,7 @@ NRT_ALWAYS_INLINE void accumulate_l1(const acc_t* __restrict__ a, const acc_t* _
 // accumulate_l1 of subsets a0 and a1 against mixtures b0 and b1 at once, into lanes0 (a0 - b0), lanes0 + kLanes
 // (a1 - b0), lanes1 (a0 - b1) and lanes1 + kLanes (a1 - b1): each block of a subset or a mixture is loaded once for two
 // sums, and the four sums are independent chains in registers (pair by pair, each add waited for the one before it:
-// the MixIT forward was 10-22 % slower).  Each sum still adds its blocks in increasing order: the same bits as
+// the MixIT forward was 12-22 % slower).  Each sum still adds its blocks in increasing order: the same bits as
 // accumulate_l1 pair by pair.
 template <typename acc_t>
 NRT_ALWAYS_INLINE void accumulate_l1_2x2(const acc_t* __restrict__ a0, const acc_t* __restrict__ a1,
